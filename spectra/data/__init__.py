@@ -1,0 +1,1 @@
+"""Datasets: CounterFact / ZsRE / general-ability loaders and the tiny-world generator."""
