@@ -1,0 +1,152 @@
+"""Run directories: round trips, atomic completion, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from spectra.errors import SpectraError
+from spectra.results import (
+    Checkpoint,
+    Run,
+    create_run,
+    jsonable,
+    load_run,
+    parse_ss_key,
+    resume_run,
+    ss_key,
+)
+
+CONFIG = {"model": "tiny", "seed": 3, "dtype": "float32", "device": "cpu", "rounds": 4, "taus": (0.5, 0.9), "out": None}
+
+
+def _rows(round_: int) -> list[dict]:
+    return [
+        {"experiment": "drift", "arm": arm, "round": round_, "site": "mlp.down@2", "metric": "LS", "value": 1.0 - 0.1 * round_}
+        for arm in ("off", "revive")
+    ]
+
+
+def test_round_trip_rows_tensors_config(tmp_path: Path) -> None:
+    """What a run writes is what load_run reads back: options, provenance, rows and tensors."""
+    ss = torch.rand(3, 8)
+    original = ss.clone()
+    rows = pd.DataFrame(_rows(0) + _rows(1) + [{"task": "sst2", "round": 1, "arm": "off", "metric": "accuracy", "value": 0.5}])
+    with create_run("drift", CONFIG, root=tmp_path) as writer:
+        writer.add_rows(rows)
+        writer.add_tensors({ss_key("right", "off", 1, "mlp.down@2"): ss})
+        ss.zero_()  # the run keeps its own copy
+    run = load_run(writer.path)
+    assert isinstance(run, Run) and run.path == writer.path and run.command == "drift"
+    assert run.path.parent == tmp_path and run.path.name.endswith("-drift")
+    assert run.config == jsonable(CONFIG)
+    assert run.provenance["seed"] == 3 and run.provenance["dtype"] == "float32"
+    assert run.provenance["versions"]["torch"] and run.provenance["versions"]["spectra"]
+    assert {"python", "platform", "git_commit", "started", "command_line"} <= set(run.provenance)
+    expected = rows[[c for c in rows.columns if c not in ("metric", "value")] + ["metric", "value"]]
+    pd.testing.assert_frame_equal(run.rows, expected, check_dtype=False)
+    assert list(run.tensors) == [ss_key("right", "off", 1, "mlp.down@2")]
+    assert torch.equal(run.tensors["ss/right/off/round=1/mlp.down@2"], original)
+    assert json.loads((run.path / "status.json").read_text())["complete"] is True
+
+
+def test_ss_key_round_trip() -> None:
+    """ss_key and parse_ss_key agree, and other tensor names are not SS keys."""
+    assert parse_ss_key(ss_key("left", "revive", 12, "attn.o@3")) == ("left", "revive", 12, "attn.o@3")
+    assert parse_ss_key("delta/mlp.down@2") is None
+
+
+def test_dataclass_config_and_explicit_out(tmp_path: Path) -> None:
+    """A dataclass config is stored as plain JSON; an existing --out is refused."""
+
+    @dataclass
+    class Options:
+        seed: int = 0
+        path: Path = Path("x")
+
+    out = tmp_path / "mine"
+    create_run("probe", Options(), out=out).finalize()
+    assert load_run(out).config == {"seed": 0, "path": "x"}
+    with pytest.raises(SpectraError, match="already exists"):
+        create_run("probe", Options(), out=out)
+
+
+def test_interrupted_run_leaves_nothing_complete(tmp_path: Path) -> None:
+    """An exception before finalize leaves only a '.partial' directory, which load_run refuses clearly."""
+    with pytest.raises(RuntimeError, match="boom"):
+        with create_run("drift", CONFIG, out=tmp_path / "run") as writer:
+            writer.add_rows(_rows(0))
+            raise RuntimeError("boom")
+    assert not (tmp_path / "run").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run.partial"]
+    assert not (tmp_path / "run.partial" / "status.json").exists()
+    with pytest.raises(SpectraError, match="did not finish"):
+        load_run(tmp_path / "run")
+    with pytest.raises(SpectraError, match="not a finished spectra run"):
+        load_run(tmp_path / "run.partial")
+    with pytest.raises(SpectraError, match="No run directory"):
+        load_run(tmp_path / "elsewhere")
+
+
+def test_resume_reads_last_checkpoint(tmp_path: Path) -> None:
+    """Resume returns the last checkpointed round, its rows, tensors and state, and finishes into a complete run."""
+    out = tmp_path / "run"
+    writer = create_run("drift", CONFIG, out=out)
+    for round_ in range(3):
+        writer.add_rows(_rows(round_))
+        writer.add_tensors({ss_key("right", "off", round_, "mlp.down@2"): torch.full((2, 4), float(round_))})
+        writer.checkpoint(round_, state={"editor": {"cov": torch.eye(3) * round_}})
+    writer.add_rows(_rows(3))  # round 3 never checkpointed: the "crash"
+    del writer
+
+    resumed, checkpoint = resume_run(out, "drift", {**CONFIG, "out": str(out), "resume": True})
+    assert isinstance(checkpoint, Checkpoint) and checkpoint.round == 2
+    assert sorted(checkpoint.rows["round"].unique()) == [0, 1, 2] and len(checkpoint.rows) == 6
+    assert sorted(checkpoint.tensors) == [ss_key("right", "off", r, "mlp.down@2") for r in range(3)]
+    assert torch.equal(checkpoint.state["editor"]["cov"], torch.eye(3) * 2)
+    resumed.add_rows(_rows(3))
+    resumed.add_tensors({ss_key("right", "off", 3, "mlp.down@2"): torch.zeros(2, 4)})
+    resumed.checkpoint(3)
+    resumed.finalize()
+    run = load_run(out)
+    assert sorted(run.rows["round"].unique()) == [0, 1, 2, 3] and len(run.rows) == 8
+    assert len(run.tensors) == 4 and torch.equal(run.tensors[ss_key("right", "off", 1, "mlp.down@2")], torch.ones(2, 4))
+    assert not (out / "checkpoints").exists() and len(run.provenance["resumed"]) == 1
+
+
+def test_resume_before_any_checkpoint_starts_over(tmp_path: Path) -> None:
+    """A run that crashed before its first checkpoint resumes from the start (round None, no rows)."""
+    create_run("drift", CONFIG, out=tmp_path / "run")
+    _, checkpoint = resume_run(tmp_path / "run.partial", "drift", CONFIG)
+    assert checkpoint.round is None and checkpoint.rows.empty and checkpoint.tensors == {}
+
+
+def test_resume_with_different_config_fails(tmp_path: Path) -> None:
+    """Changed options (or another command, or a finished run) are refused with a SpectraError."""
+    out = tmp_path / "run"
+    create_run("drift", CONFIG, out=out).checkpoint(0)
+    with pytest.raises(SpectraError, match=r"rounds: 4 -> 5"):
+        resume_run(out, "drift", {**CONFIG, "rounds": 5})
+    with pytest.raises(SpectraError, match="'drift' run"):
+        resume_run(out, "probe", CONFIG)
+    with pytest.raises(SpectraError, match="No interrupted run"):
+        resume_run(tmp_path / "other", "drift", CONFIG)
+    finished = create_run("drift", CONFIG, out=tmp_path / "done")
+    finished.finalize()
+    with pytest.raises(SpectraError, match="nothing to resume"):
+        resume_run(tmp_path / "done", "drift", CONFIG)
+
+
+def test_checkpoint_keeps_only_files_in_force(tmp_path: Path) -> None:
+    """Each checkpoint replaces the previous rows and state files but keeps every tensor shard still needed."""
+    writer = create_run("drift", CONFIG, out=tmp_path / "run")
+    for round_ in range(3):
+        writer.add_tensors({f"t{round_}": torch.zeros(1)})
+        writer.checkpoint(round_, state={"editor": {"x": torch.zeros(1)}})
+    names = sorted(p.name.split("-")[0] for p in (writer.partial_path / "checkpoints").iterdir())
+    assert names == ["rows", "state", "tensors", "tensors", "tensors"]
