@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-initialised models of every supported family, built offline from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+
+def _tiny_configs() -> dict[str, tuple[type, object]]:
+    return {
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+        "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+            bos_token_id=1, eos_token_id=2)),
+        "gptj": (transformers.GPTJForCausalLM, transformers.GPTJConfig(
+            vocab_size=64, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64,
+            bos_token_id=1, eos_token_id=2)),
+        "bert": (transformers.BertForMaskedLM, transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=64)),
+    }
+
+
+FAMILIES = tuple(_tiny_configs())
+
+
+def make_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random-init model of ``family`` (llama, gpt2, gptj, bert) in eval mode."""
+    model_cls, config = _tiny_configs()[family]
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return make_tiny_model(request.param)

@@ -1,0 +1,69 @@
+"""The tiny world is deterministic, consistent, and its edit sets follow the real file formats."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectra.data import tiny_world
+
+
+@pytest.fixture(scope="module")
+def world() -> tiny_world.TinyWorld:
+    return tiny_world.build_world(seed=0)
+
+
+def test_generation_is_deterministic(world):
+    again = tiny_world.build_world(seed=0)
+    assert again.corpus == world.corpus
+    assert tiny_world.counterfact_records(again) == tiny_world.counterfact_records(world)
+    assert tiny_world.build_world(seed=1).corpus != world.corpus
+
+
+def test_world_has_the_required_shape(world):
+    assert 8 <= len(tiny_world.RELATIONS) <= 12
+    assert all(len(r.phrasings) >= 3 for r in tiny_world.RELATIONS)
+    assert len({f.kind for f in world.facts}) >= 3
+    assert len(tiny_world.TASKS) >= 4
+    for task in tiny_world.TASKS:
+        train_prompts = {i.prompt for i in world.task_train[task]}
+        test_items = world.task_test[task]
+        assert not train_prompts & {i.prompt for i in test_items}, f"{task}: test items leak into training"
+        golds = [i.gold for i in test_items]
+        assert abs(golds.count(0) - golds.count(1)) <= len(golds) * 0.2, f"{task} is unbalanced"
+
+
+def test_facts_are_phrased_subject_first(world):
+    subjects = {f.subject for f in world.facts}
+    fact_lines = [line for line in world.corpus if any(line.startswith(s + " ") for s in subjects)]
+    assert len(fact_lines) > len(world.facts)
+
+
+def test_counterfact_records_have_the_real_field_names_and_do_not_contradict(world):
+    records = tiny_world.counterfact_records(world)
+    assert len(records) >= 2000
+    keys = {"case_id", "pararel_idx", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+            "attribute_prompts", "generation_prompts"}
+    pairs = set()
+    truth = {(f.subject, f.relation.relation_id): f.obj for f in world.facts}
+    for record in records:
+        assert set(record) == keys
+        rewrite = record["requested_rewrite"]
+        assert set(rewrite) == {"prompt", "relation_id", "subject", "target_new", "target_true"}
+        assert rewrite["prompt"].count("{}") == 1
+        assert rewrite["target_new"]["str"] != rewrite["target_true"]["str"]
+        relation = next(r for r in tiny_world.RELATIONS if r.relation_id == rewrite["relation_id"])
+        assert rewrite["target_new"]["str"] in relation.objects
+        assert truth[(rewrite["subject"], rewrite["relation_id"])] == rewrite["target_true"]["str"]
+        pair = (rewrite["subject"], rewrite["relation_id"])
+        assert pair not in pairs, "two records edit the same (subject, relation)"
+        pairs.add(pair)
+        assert len(record["paraphrase_prompts"]) == 2 and record["neighborhood_prompts"]
+
+
+def test_zsre_records_have_the_raw_schema(world):
+    records = tiny_world.zsre_records(world)
+    for record in records[:50]:
+        assert set(record) == {"subject", "src", "pred", "rephrase", "alt", "answers", "loc", "loc_ans", "cond"}
+        assert record["subject"] in record["src"]
+        assert record["loc"].startswith("nq question: ")
+        assert record["answers"][0] != record["pred"]
