@@ -1,0 +1,438 @@
+"""Figures from tidy run tables: pure functions from rows (and tensors) to matplotlib Figures.
+
+Every function selects and pivots rows, averages repeated rows (seeds, sites) for display, and
+draws; none computes a metric. Figures are built with ``matplotlib.figure.Figure`` (not pyplot),
+so drawing never touches global pyplot state and works on any backend; the seaborn look is
+applied only inside ``style()``. Row schemas (column names are exact):
+
+================== ==========================================================================
+figure             rows
+================== ==========================================================================
+concentration      metric "accuracy", fraction (% energy kept, 5..100), task, value
+sensitivity        metric "accuracy", side ("input"/"output"), group (0..G-1; -1 = unperturbed
+                   baseline, side may be empty there), task, seed, value
+edit metrics       arm, round (0 = before editing), metric in EDIT_METRICS (0-100), value;
+                   plus general ability: metric "accuracy", task, arm, round, value
+LS                 metric "LS", arm, round, site, value
+norm growth        metric in NORM_METRICS, arm, round, site, value
+t-SNE              prompt_idx, phase ("pre"/"post"), x, y, optional arm
+tau sweep          tau (NaN or "off" for the unfiltered arm), metric, value, optional task,
+                   round (the final round per tau is used)
+energy spectrum    metric "k" and/or "k_over_rank", tau, site, value
+SS heatmaps        tensors under ``spectra.results.ss_key(side, arm, round, site)`` (k x r)
+================== ==========================================================================
+
+Wherever the rows hold several tau values for one arm, lines are drawn per (arm, tau).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from spectra.errors import SpectraError
+from spectra.results import load_run, parse_ss_key, ss_key
+
+#: Edit-success metrics, in panel order (CounterFact and ZsRE names), on a 0-100 scale.
+EDIT_METRICS = ("efficacy", "paraphrase", "neighborhood", "generalization", "specificity", "fluency", "consistency")
+
+#: Weight-norm metrics per round, in panel order.
+NORM_METRICS = ("fro_ratio", "delta_fro", "spectral_norm", "condition_number", "effective_rank")
+
+#: Energy-spectrum metrics (size of the protected subspace per tau).
+ENERGY_METRICS = ("k_over_rank", "k")
+
+#: Sides of the sensitivity probe, in panel order.
+SIDES = ("input", "output")
+
+FORMATS = ("png", "pdf")
+
+
+class NoData(SpectraError):
+    """The rows (or tensors) hold nothing this figure draws; ``plot_run`` skips such figures."""
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    """The one look of every spectra figure (seaborn whitegrid, paper context), set only inside the block."""
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1), matplotlib.rc_context(
+        {"legend.frameon": False, "axes.titlesize": "medium", "image.cmap": "viridis"}
+    ):
+        yield
+
+
+def save_figure(fig: Figure, directory: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write ``directory/name.png`` and ``.pdf`` (created as needed), release the figure, return the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = directory / f"{name}.{fmt}"
+        fig.savefig(path, dpi=150)  # constrained layout already fits the margins; "tight" would draw twice
+        paths.append(path)
+    pyplot = sys.modules.get("matplotlib.pyplot")  # only a pyplot-made figure is registered anywhere
+    if pyplot is not None:
+        pyplot.close(fig)
+    return paths
+
+
+def concentration_curve(rows: pd.DataFrame, baseline: bool = True) -> Figure:
+    """Accuracy vs % of singular-value energy kept, one thin line per task and a thick mean (paper Fig. 2a).
+
+    With ``baseline``, the mean accuracy at fraction 100 (the unmodified matrix) is drawn dashed,
+    so the share of ability recovered at 5 % can be read off directly.
+    """
+    data = _select(rows, "accuracy", ("fraction", "task"), "the concentration curve")
+    data = data.assign(fraction=pd.to_numeric(data["fraction"]))
+    per_task = data.groupby(["task", "fraction"], sort=True)["value"].mean().unstack("task")
+    with style():
+        fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        colors = sns.color_palette("colorblind", per_task.shape[1])
+        for color, task in zip(colors, per_task.columns):
+            ax.plot(per_task.index, per_task[task], marker="o", ms=3, lw=1, alpha=0.8, color=color, label=str(task))
+        mean = per_task.mean(axis=1)
+        ax.plot(mean.index, mean, color="black", lw=2.2, marker="o", ms=4, label="mean")
+        if baseline and 100 in mean.index:
+            ax.axhline(mean[100], color="0.4", ls="--", lw=1, label="original (100 %)")
+        ax.set(xlabel="singular-value energy kept (%)", ylabel="accuracy", title="Concentration of general ability")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def sensitivity_by_group(rows: pd.DataFrame, n_groups: int | None = None) -> Figure:
+    """Accuracy after perturbing each energy group, mean +- sd over seeds, one panel per side (Fig. 2b, 11).
+
+    Rows with ``group == -1`` are the unperturbed model and are drawn as a dashed line per task;
+    groups are labelled "0-10%" ... "90-100%" for ``n_groups`` groups (default: inferred).
+    Repeated rows are averaged, so pass rows of one perturbation strength (filter ``epsilon``).
+    """
+    data = _select(rows, "accuracy", ("group", "task"), "the sensitivity figure")
+    data = data.assign(group=pd.to_numeric(data["group"]).astype(int))
+    base = data[data["group"] < 0]
+    probes = data[data["group"] >= 0]
+    if "side" not in probes.columns or probes["side"].isna().all():
+        raise NoData("Cannot draw the sensitivity figure: its rows have no 'side' (input/output). Pass the rows of a sensitivity run.")
+    probes = probes.dropna(subset=["side"])
+    sides = _ordered(probes["side"].unique(), SIDES)
+    groups = n_groups or int(probes["group"].max()) + 1
+    labels = [f"{100 * g // groups}-{100 * (g + 1) // groups}%" for g in range(groups)]
+    tasks = _ordered(data["task"].unique(), ())
+    colors = dict(zip(tasks, sns.color_palette("colorblind", len(tasks))))
+    with style():
+        fig = Figure(figsize=(4.6 * len(sides), 3.6), layout="constrained")
+        axes = fig.subplots(1, len(sides), sharey=True, squeeze=False)[0]
+        for ax, side in zip(axes, sides):
+            panel = probes[probes["side"] == side]
+            _lines(ax, panel, "group", "task", "sd", colors)
+            for task in tasks:
+                reference = base[base["task"] == task]
+                if "side" in reference.columns:  # a baseline row may name its side or apply to both
+                    reference = reference[reference["side"].isna() | (reference["side"] == side)]
+                if len(reference):
+                    ax.axhline(reference["value"].mean(), color=colors[task], ls="--", lw=1)
+            ax.set_xticks(range(groups), labels, rotation=45, ha="right")
+            ax.set(xlabel=f"perturbed {side} energy group", ylabel="accuracy", title=f"{side} side")
+        axes[0].legend(fontsize="small", title="dashed: unperturbed" if len(base) else None)
+    return fig
+
+
+def edit_metrics_by_round(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: int = 4) -> Figure:
+    """Edit metrics and general ability per round, one panel per metric (and per task), a line per arm (Fig. 3).
+
+    ``metrics`` defaults to the EDIT_METRICS present; general ability panels come from
+    ``accuracy`` rows that carry a ``round`` and a ``task``.
+    """
+    panels: list[tuple[str, pd.DataFrame]] = []
+    if "round" in rows.columns and "arm" in rows.columns:
+        timed = rows.dropna(subset=["round", "arm"])
+        wanted = metrics if metrics is not None else [m for m in EDIT_METRICS if (timed["metric"] == m).any()]
+        panels += [(m, timed[timed["metric"] == m]) for m in wanted if (timed["metric"] == m).any()]
+        if "task" in timed.columns:
+            ability = timed[(timed["metric"] == "accuracy") & timed["task"].notna()]
+            panels += [(f"{task} (accuracy)", ability[ability["task"] == task]) for task in _ordered(ability["task"].unique(), ())]
+    if not panels:
+        raise NoData(_missing("edit metrics by round", EDIT_METRICS + ("accuracy",), ("arm", "round"), rows))
+    fig = _panels_by_round(panels, ncols, spread="sd", ylabel="score (%)", title="Editing and general ability per round")
+    for ax, (name, _) in zip(fig.axes, panels):
+        if name.endswith("(accuracy)"):
+            ax.set_ylabel("accuracy")
+    return fig
+
+
+def ls_by_round(rows: pd.DataFrame, per_site: bool = False) -> Figure:
+    """Low-rank subspace similarity LS per round, a line per arm (Fig. 4).
+
+    By default one panel, the mean over sites with their min-max range shaded; ``per_site`` draws
+    one panel per site instead.
+    """
+    data = _select(rows, "LS", ("arm", "round"), "LS by round")
+    if per_site and "site" in data.columns:
+        panels = [(str(site), data[data["site"] == site]) for site in _ordered(data["site"].unique(), ())]
+    else:
+        several_sites = "site" in data.columns and data["site"].nunique() > 1
+        panels = [("LS (mean, range over sites)" if several_sites else "LS", data)]
+    return _panels_by_round(panels, ncols=4, spread="range", ylabel="LS", title="Low-rank subspace similarity")
+
+
+def norm_growth(rows: pd.DataFrame, metrics: Sequence[str] = NORM_METRICS) -> Figure:
+    """Weight-norm diagnostics per round (Frobenius ratio, ||dW||_F, spectral norm, condition number, effective rank).
+
+    One panel per metric present, a line per arm (mean over sites, range shaded); the condition
+    number is shown on a log scale because it grows by orders of magnitude when a run collapses.
+    """
+    data = _select(rows, tuple(metrics), ("arm", "round"), "norm growth")
+    panels = [(m, data[data["metric"] == m]) for m in metrics if (data["metric"] == m).any()]
+    fig = _panels_by_round(panels, ncols=3, spread="range", ylabel=None, title="Weight norms per round")
+    for ax, (metric, _) in zip(fig.axes, panels):
+        if metric == "condition_number":
+            ax.set_yscale("log")
+    return fig
+
+
+def tsne_scatter(rows: pd.DataFrame) -> Figure:
+    """Pre- vs post-edit representations in 2-D, each prompt's pair linked by a thin line, one panel per arm (Fig. 10)."""
+    required = ("prompt_idx", "phase", "x", "y")
+    if not set(required) <= set(rows.columns):
+        raise NoData(f"Cannot draw the t-SNE scatter: rows need columns {list(required)}; they have {list(rows.columns)}.")
+    data = rows.dropna(subset=list(required))
+    if data.empty:
+        raise NoData("Cannot draw the t-SNE scatter: no rows with prompt_idx, phase, x and y.")
+    arms = _ordered(data["arm"].dropna().unique(), ("off",)) if "arm" in data.columns and data["arm"].notna().any() else [None]
+    pre_color, post_color = sns.color_palette("colorblind", 2)
+    with style():
+        fig = Figure(figsize=(4.2 * len(arms), 4.0), layout="constrained")
+        axes = fig.subplots(1, len(arms), squeeze=False)[0]
+        for ax, arm in zip(axes, arms):
+            part = data if arm is None else data[data["arm"] == arm]
+            wide = part.pivot_table(index="prompt_idx", columns="phase", values=["x", "y"], aggfunc="first")
+            pairs = wide.dropna()
+            if {"pre", "post"} <= set(wide.columns.get_level_values("phase")) and len(pairs):
+                segments = np.stack([pairs[[("x", "pre"), ("y", "pre")]].to_numpy(),
+                                     pairs[[("x", "post"), ("y", "post")]].to_numpy()], axis=1)
+                ax.add_collection(LineCollection(segments, colors="0.6", linewidths=0.4, alpha=0.6, zorder=1))
+            for phase, color in (("pre", pre_color), ("post", post_color)):
+                points = part[part["phase"] == phase]
+                ax.scatter(points["x"], points["y"], s=8, color=color, alpha=0.8, label=f"{phase}-edit", zorder=2)
+            ax.set(xticks=[], yticks=[], title="representations" if arm is None else str(arm))
+        axes[0].legend(fontsize="small", markerscale=2)
+    return fig
+
+
+def tau_sweep(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: int = 4) -> Figure:
+    """Final-round metrics vs the REVIVE energy threshold tau, the unfiltered arm as a dashed line (Fig. 8, 16).
+
+    One panel per metric (per task for ``accuracy``); ``metrics`` defaults to the edit metrics and
+    accuracy present. Rows whose tau is NaN or "off" are the unfiltered arm. When rows carry a
+    ``round``, only each tau's last round is shown.
+    """
+    if "tau" not in rows.columns:
+        raise NoData(f"Cannot draw the tau sweep: rows have no 'tau' column; they have {list(rows.columns)}.")
+    data = rows.assign(tau=pd.to_numeric(rows["tau"], errors="coerce"))
+    if "round" in data.columns and data["round"].notna().any():
+        data = data.dropna(subset=["round"])
+        last = data.groupby(data["tau"].fillna(-1.0))["round"].transform("max")
+        data = data[data["round"] == last]
+    if data["tau"].nunique() < 2:
+        raise NoData("Cannot draw the tau sweep: it needs rows for at least two tau values.")
+    wanted = metrics if metrics is not None else [*EDIT_METRICS, "accuracy"]
+    panels: list[tuple[str, pd.DataFrame]] = []
+    for metric in wanted:
+        part = data[data["metric"] == metric]
+        if "task" in part.columns and part["task"].notna().any():
+            panels += [(f"{task} ({metric})", part[part["task"] == task]) for task in _ordered(part["task"].dropna().unique(), ())]
+        elif len(part):
+            panels.append((metric, part))
+    if not panels:
+        raise NoData(_missing("the tau sweep", tuple(wanted), ("tau",), rows))
+    swept_all = data.dropna(subset=["tau"])
+    hue = "arm" if "arm" in swept_all.columns and swept_all["arm"].notna().any() else None
+    arms = _ordered(swept_all[hue].dropna().unique(), ()) if hue else [None]
+    palette = sns.color_palette("colorblind")
+    off_color = palette[3]
+    colors = dict(zip(arms, [c for i, c in enumerate(palette) if i != 3]))
+    with style():
+        fig, axes = _grid(len(panels), ncols, width=3.6, height=3.0)
+        for ax, (label, part) in zip(axes, panels):
+            _lines(ax, part.dropna(subset=["tau"]), "tau", hue, "sd", colors, label=None if hue else "REVIVE")
+            off = part[part["tau"].isna()]
+            if len(off):
+                ax.axhline(off["value"].mean(), color=off_color, ls="--", lw=1.2, label="off")
+            ax.set(xlabel="tau (energy threshold)", title=label)
+        axes[0].legend(fontsize="small")
+        fig.suptitle("Sensitivity to the protection threshold tau")
+    return fig
+
+
+def energy_spectrum(rows: pd.DataFrame) -> Figure:
+    """Size of the protected subspace per tau: k / rank (and k) per site, one panel per metric present."""
+    data = _select(rows, ENERGY_METRICS, ("tau",), "the energy spectrum")
+    data = data.assign(tau=pd.to_numeric(data["tau"], errors="coerce")).dropna(subset=["tau"])
+    hue = "site" if "site" in data.columns and data["site"].notna().any() else None
+    sites = _ordered(data[hue].dropna().unique(), ()) if hue else [None]
+    colors = dict(zip(sites, sns.color_palette("colorblind", len(sites))))
+    panels = [m for m in ENERGY_METRICS if (data["metric"] == m).any()]
+    with style():
+        fig, axes = _grid(len(panels), 2, width=4.2, height=3.4)
+        for ax, metric in zip(axes, panels):
+            _lines(ax, data[data["metric"] == metric], "tau", hue, "range", colors)
+            ax.set(xlabel="tau (energy threshold)", ylabel=metric, title="k / rank" if metric == "k_over_rank" else "k")
+        if hue and len(sites) <= 12:
+            axes[0].legend(fontsize="small")
+    return fig
+
+
+def ss_heatmaps(tensors: Mapping[str, torch.Tensor], arm: str, side: str, rounds: Sequence[int], site: str,
+                max_cols: int | None = None, ncols: int = 5) -> Figure:
+    """SS matrices of one site over chosen rounds as a grid of heatmaps on a shared [0, 1] scale (Fig. 5, 12-14).
+
+    Each matrix is k x r (dominant edited vectors x original vectors). Only the first
+    ``max_cols`` columns are shown (default min(r, 3k)) so the diagonal stays visible.
+    """
+    keys = [ss_key(side, arm, r, site) for r in rounds]
+    missing = [k for k in keys if k not in tensors]
+    if missing or not keys:
+        stored = sorted(r for s, a, r, t in filter(None, map(parse_ss_key, tensors)) if (s, a, t) == (side, arm, site))
+        raise NoData(
+            f"Cannot draw SS heatmaps: no SS matrix for {', '.join(missing) or 'any round'}. Rounds stored for "
+            f"side={side}, arm={arm}, site={site}: {stored or 'none'}. Choose among those."
+        )
+    with style():
+        fig, axes = _grid(len(keys), ncols, width=2.6, height=2.4)
+        image = None
+        for ax, round_, key in zip(axes, rounds, keys):
+            matrix = tensors[key].detach().float().cpu().numpy()
+            cols = max_cols or min(matrix.shape[1], 3 * matrix.shape[0])
+            image = ax.imshow(matrix[:, :cols], vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+            ax.grid(False)
+            ax.set(title=f"SS$_{{{round_}}}$", xlabel="original vector j", ylabel="edited vector i")
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="|cos|")
+        fig.suptitle(f"Singular vector similarity ({side} vectors), {arm}, {site}")
+    return fig
+
+
+def plot_run(run_dir: Path, ss_rounds: int = 10, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Redraw every figure the run's rows and tensors support into ``run_dir/figures/``; returns the files written.
+
+    Needs only the run directory (never the model). Figures whose data the run lacks are
+    skipped; SS heatmaps are drawn per (side, arm, site) over at most ``ss_rounds`` evenly
+    spaced rounds.
+    """
+    run = load_run(run_dir)
+    written: list[Path] = []
+    drawers = (
+        ("concentration", concentration_curve), ("sensitivity", sensitivity_by_group),
+        ("edit_metrics", edit_metrics_by_round), ("ls", ls_by_round), ("norm_growth", norm_growth),
+        ("tsne", tsne_scatter), ("tau_sweep", tau_sweep), ("energy_spectrum", energy_spectrum),
+    )
+    for name, draw in drawers:
+        try:
+            fig = draw(run.rows)
+        except NoData:
+            continue
+        written += save_figure(fig, run.figures_dir, name, formats)
+    series: dict[tuple[str, str, str], list[int]] = {}
+    for side, arm, round_, site in filter(None, map(parse_ss_key, run.tensors)):
+        series.setdefault((side, arm, site), []).append(round_)
+    for (side, arm, site), rounds in sorted(series.items()):
+        rounds = sorted(rounds)
+        chosen = sorted({rounds[i] for i in np.linspace(0, len(rounds) - 1, min(ss_rounds, len(rounds))).round().astype(int)})
+        fig = ss_heatmaps(run.tensors, arm, side, chosen, site)
+        written += save_figure(fig, run.figures_dir, f"ss_{side}_{arm}_{_slug(site)}", formats)
+    return written
+
+
+def _select(rows: pd.DataFrame, metric: str | Sequence[str], required: Sequence[str], figure: str) -> pd.DataFrame:
+    """Rows of ``metric`` that carry every ``required`` column; NoData naming what is there when none do."""
+    metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+    if "metric" not in rows.columns or not set(required) <= set(rows.columns):
+        raise NoData(_missing(figure, metrics, required, rows))
+    data = rows[rows["metric"].isin(metrics)].dropna(subset=list(required))
+    if data.empty:
+        raise NoData(_missing(figure, metrics, required, rows))
+    return data
+
+
+def _missing(figure: str, metrics: Sequence[str], required: Sequence[str], rows: pd.DataFrame) -> str:
+    present = sorted(map(str, rows["metric"].dropna().unique())) if "metric" in rows.columns else []
+    return (
+        f"Cannot draw {figure}: no rows with metric in {list(metrics)} that carry columns {list(required)}. "
+        f"The rows have metrics {present} and columns {list(rows.columns)}. Pass the rows of a run of the "
+        "experiment that measures it."
+    )
+
+
+def _ordered(values: Sequence[object] | np.ndarray, first: Sequence[object]) -> list:
+    """Distinct values, those in ``first`` leading in that order, the rest sorted (stable colors across figures)."""
+    values = [v for v in values if not (isinstance(v, float) and np.isnan(v))]
+    return [v for v in first if v in values] + sorted((v for v in values if v not in first), key=str)
+
+
+def _line_labels(data: pd.DataFrame) -> pd.Series:
+    """One label per line: the arm, plus its tau when that arm was run with several taus."""
+    arms = data["arm"].astype(str)
+    if "tau" not in data.columns:
+        return arms
+    tau = pd.to_numeric(data["tau"], errors="coerce")
+    several = tau.groupby(arms).transform("nunique") > 1
+    return arms.where(~several, arms + " (tau=" + tau.map("{:g}".format) + ")")
+
+
+def _panels_by_round(panels: list[tuple[str, pd.DataFrame]], ncols: int, spread: str, ylabel: str | None,
+                     title: str) -> Figure:
+    """A grid with one panel per (title, rows) pair, value vs round, one line per arm (and tau)."""
+    labelled = [(name, part.assign(_line=_line_labels(part), round=pd.to_numeric(part["round"]))) for name, part in panels]
+    lines = _ordered(pd.concat([p["_line"] for _, p in labelled]).unique(), ("off",))
+    colors = dict(zip(lines, sns.color_palette("colorblind", len(lines))))
+    with style():
+        fig, axes = _grid(len(labelled), ncols, width=3.6, height=3.0)
+        for ax, (name, part) in zip(axes, labelled):
+            _lines(ax, part, "round", "_line", spread, colors)
+            ax.set(xlabel="round", ylabel=ylabel or name, title=name)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].legend(fontsize="small")
+        fig.suptitle(title)
+    return fig
+
+
+def _lines(ax: Axes, data: pd.DataFrame, x: str, hue: str | None, spread: str, colors: Mapping,
+           label: str | None = None) -> None:
+    """One line per ``hue`` value: mean ``value`` of repeated rows at each x, shaded by sd or min-max range."""
+    keys = _ordered(data[hue].unique(), ("off",)) if hue else [None]
+    for key in keys:
+        part = data if hue is None else data[data[hue] == key]
+        stats = part.groupby(pd.to_numeric(part[x]))["value"].agg(["mean", "std", "min", "max", "count"]).sort_index()
+        color = colors.get(key)
+        ax.plot(stats.index, stats["mean"], marker="o", ms=3, lw=1.5, color=color, label=label or str(key))
+        if (stats["count"] > 1).any():
+            if spread == "sd":
+                low, high = stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0)
+            else:
+                low, high = stats["min"], stats["max"]
+            ax.fill_between(stats.index, low, high, color=color, alpha=0.2, linewidth=0)
+
+
+def _grid(n: int, ncols: int, width: float, height: float) -> tuple[Figure, list[Axes]]:
+    """A figure with exactly ``n`` axes laid out ``ncols`` wide (no empty panels)."""
+    cols = max(1, min(n, ncols))
+    rows = -(-n // cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, cols)
+    return fig, [fig.add_subplot(grid[i // cols, i % cols]) for i in range(n)]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")

@@ -1,0 +1,168 @@
+"""Figures from tidy rows: each function draws the expected panels and lines, saves PNG+PDF; plot_run redraws a run."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from spectra import plots  # noqa: E402
+from spectra.results import create_run, ss_key  # noqa: E402
+
+TASKS = ("sst2", "mrpc")
+ARMS = ("off", "revive")
+SITES = ("mlp.down@1", "mlp.down@2")
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(records)
+
+
+def concentration_rows() -> pd.DataFrame:
+    return _frame([{"experiment": "concentration", "task": t, "fraction": f, "metric": "accuracy", "value": f / 100}
+                   for t, f in itertools.product(TASKS, (5, 25, 50, 100))])
+
+
+def sensitivity_rows() -> pd.DataFrame:
+    probes = [{"experiment": "sensitivity", "side": s, "group": g, "seed": seed, "task": t, "metric": "accuracy",
+               "value": 0.5 + 0.04 * g + 0.01 * seed}
+              for s, g, seed, t in itertools.product(("input", "output"), range(10), range(3), TASKS)]
+    base = [{"experiment": "sensitivity", "group": -1, "task": t, "metric": "accuracy", "value": 0.9} for t in TASKS]
+    return _frame(probes + base)
+
+
+def drift_rows(edit: tuple[str, ...] = ("efficacy", "paraphrase", "neighborhood"), tasks: tuple[str, ...] = TASKS,
+               norms: tuple[str, ...] = plots.NORM_METRICS) -> pd.DataFrame:
+    records = []
+    for arm, r in itertools.product(ARMS, range(4)):
+        decay = 0.0 if arm == "revive" else 10.0 * r
+        records += [{"arm": arm, "round": r, "metric": m, "value": 100 - decay} for m in edit]
+        records += [{"arm": arm, "round": r, "task": t, "metric": "accuracy", "value": 0.8 - decay / 100} for t in tasks]
+        for site in SITES:
+            records += [{"arm": arm, "round": r, "site": site, "metric": "LS", "value": 1 - decay / 50}]
+            records += [{"arm": arm, "round": r, "site": site, "metric": m, "value": 1 + r} for m in norms]
+    return _frame(records)
+
+
+def tsne_rows() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return _frame([{"arm": arm, "prompt_idx": i, "phase": phase, "x": rng.normal(), "y": rng.normal()}
+                   for arm, i, phase in itertools.product(ARMS, range(20), ("pre", "post"))])
+
+
+def tau_rows() -> pd.DataFrame:
+    records = [{"arm": "revive", "tau": tau, "round": r, "metric": "efficacy", "value": 90 * tau}
+               for tau, r in itertools.product((0.5, 0.7, 0.9), (1, 2))]
+    records += [{"arm": "off", "tau": np.nan, "round": 2, "metric": "efficacy", "value": 20.0}]
+    records += [{"arm": "revive", "tau": tau, "round": 2, "task": t, "metric": "accuracy", "value": tau}
+                for tau, t in itertools.product((0.5, 0.9), TASKS)]
+    records += [{"arm": "off", "tau": "off", "round": 2, "task": t, "metric": "accuracy", "value": 0.1} for t in TASKS]
+    return _frame(records)
+
+
+def energy_rows() -> pd.DataFrame:
+    return _frame([{"tau": tau, "site": site, "metric": m, "value": tau * (100 if m == "k" else 1)}
+                   for tau, site, m in itertools.product((0.5, 0.9), SITES, ("k", "k_over_rank"))])
+
+
+def ss_tensors() -> dict[str, torch.Tensor]:
+    return {ss_key("right", "off", r, "mlp.down@2"): torch.rand(4, 40) for r in range(0, 12, 2)}
+
+
+def _data_axes(fig: Figure) -> list:
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+@pytest.mark.parametrize(
+    ("draw", "n_axes", "n_lines"),
+    [
+        (lambda: plots.concentration_curve(concentration_rows()), 1, [2 + 1 + 1]),
+        (lambda: plots.sensitivity_by_group(sensitivity_rows()), 2, [4, 4]),
+        (lambda: plots.edit_metrics_by_round(drift_rows()), 5, [2] * 5),
+        (lambda: plots.ls_by_round(drift_rows()), 1, [2]),
+        (lambda: plots.ls_by_round(drift_rows(), per_site=True), 2, [2, 2]),
+        (lambda: plots.norm_growth(drift_rows()), 5, [2] * 5),
+        (lambda: plots.tau_sweep(tau_rows()), 3, [2, 2, 2]),
+        (lambda: plots.energy_spectrum(energy_rows()), 2, [2, 2]),
+    ],
+    ids=["concentration", "sensitivity", "edit_metrics", "ls", "ls_per_site", "norms", "tau_sweep", "energy"],
+)
+def test_line_figures(draw, n_axes: int, n_lines: list[int], tmp_path: Path) -> None:
+    """Each line figure has one panel per metric/side/task and one line per task/arm/site (+ dashed references)."""
+    fig = draw()
+    assert isinstance(fig, Figure)
+    axes = _data_axes(fig)
+    assert len(axes) == n_axes
+    assert [len(ax.get_lines()) for ax in axes] == n_lines
+    paths = plots.save_figure(fig, tmp_path / "figures", "fig")
+    assert [p.name for p in paths] == ["fig.png", "fig.pdf"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_sensitivity_labels_groups() -> None:
+    """Energy groups are labelled by their energy range."""
+    ax = plots.sensitivity_by_group(sensitivity_rows()).axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0] == "0-10%" and labels[-1] == "90-100%"
+
+
+def test_tau_sweep_uses_final_round_and_off_line() -> None:
+    """Only the last round per tau is drawn, and the unfiltered arm is the dashed horizontal line."""
+    ax = plots.tau_sweep(tau_rows()).axes[0]
+    swept, off = ax.get_lines()
+    assert list(swept.get_xdata()) == [0.5, 0.7, 0.9] and off.get_ydata()[0] == 20.0
+
+
+def test_tsne_scatter_links_pairs(tmp_path: Path) -> None:
+    """One panel per arm with pre and post points and one link per prompt."""
+    fig = plots.tsne_scatter(tsne_rows())
+    assert len(fig.axes) == 2
+    links = fig.axes[0].collections[0]
+    assert len(links.get_segments()) == 20 and len(fig.axes[0].collections) == 3
+    plots.save_figure(fig, tmp_path, "tsne")
+
+
+def test_ss_heatmaps_grid_and_columns(tmp_path: Path) -> None:
+    """One heatmap per round plus a colorbar, showing the first min(r, 3k) columns; a missing round is named."""
+    fig = plots.ss_heatmaps(ss_tensors(), "off", "right", [2, 6, 10], "mlp.down@2")
+    axes = _data_axes(fig)
+    assert len(axes) == 3 and len(fig.axes) == 4
+    assert axes[0].get_images()[0].get_array().shape == (4, 12)
+    plots.save_figure(fig, tmp_path, "ss")
+    with pytest.raises(plots.NoData, match=r"\[0, 2, 4, 6, 8, 10\]"):
+        plots.ss_heatmaps(ss_tensors(), "off", "right", [3], "mlp.down@2")
+
+
+def test_missing_data_is_a_clear_error() -> None:
+    """A figure asked of rows that lack its metric says which metrics the rows hold."""
+    with pytest.raises(plots.NoData, match=r"metrics \['accuracy'\]"):
+        plots.ls_by_round(concentration_rows())
+
+
+def test_style_is_not_global() -> None:
+    """Drawing does not leave the seaborn style in matplotlib's global settings."""
+    before = dict(matplotlib.rcParams)
+    plots.ls_by_round(drift_rows())
+    assert dict(matplotlib.rcParams) == before
+
+
+def test_plot_run_redraws_every_supported_figure(tmp_path: Path) -> None:
+    """plot_run draws exactly the figures the run's rows and tensors support, as PNG and PDF."""
+    drift = drift_rows(edit=("efficacy",), tasks=(), norms=("fro_ratio",))  # few panels: this test is about choosing
+    rows = pd.concat([concentration_rows(), sensitivity_rows(), drift, tsne_rows(), energy_rows()], ignore_index=True)
+    with create_run("all", {"seed": 0}, root=tmp_path) as writer:
+        writer.add_rows(rows)
+        writer.add_tensors(ss_tensors())
+    written = plots.plot_run(writer.path)
+    names = {p.stem for p in written}
+    assert names == {"concentration", "sensitivity", "edit_metrics", "ls", "norm_growth", "tsne", "energy_spectrum",
+                     "ss_right_off_mlp.down-2"}
+    assert len(written) == 2 * len(names) and all(p.parent == writer.path / "figures" and p.exists() for p in written)
