@@ -8,21 +8,24 @@ applied only inside ``style()``. Row schemas (column names are exact):
 ================== ==========================================================================
 figure             rows
 ================== ==========================================================================
-concentration      metric "accuracy", fraction (% energy kept, 5..100), task, value
-sensitivity        metric "accuracy", side ("input"/"output"), group (0..G-1; -1 = unperturbed
-                   baseline, side may be empty there), task, seed, value
+concentration      metric "accuracy", fraction (% energy kept, 5..100), task, value; the
+                   unmodified model: rows with baseline == True (else fraction 100)
+sensitivity        metric "accuracy", side ("input"/"output"), group (0..G-1; -1 or
+                   baseline == True = unperturbed, side may be empty there), task, seed, value
 edit metrics       arm, round (0 = before editing), metric in EDIT_METRICS (0-100), value;
                    plus general ability: metric "accuracy", task, arm, round, value
 LS                 metric "LS", arm, round, site, value
 norm growth        metric in NORM_METRICS, arm, round, site, value
-t-SNE              prompt_idx, phase ("pre"/"post"), x, y, optional arm
+t-SNE              prompt_idx, phase ("pre"/"post"), x, y, optional arm (metric "tsne" if any)
 tau sweep          tau (NaN or "off" for the unfiltered arm), metric, value, optional task,
                    round (the final round per tau is used)
 energy spectrum    metric "k" and/or "k_over_rank", tau, site, value
 SS heatmaps        tensors under ``spectra.results.ss_key(side, arm, round, site)`` (k x r)
 ================== ==========================================================================
 
-Wherever the rows hold several tau values for one arm, lines are drawn per (arm, tau).
+A task named "mean" is the experiment's own task mean. When an ``experiment`` column names the
+figure's experiment ("concentration", "sensitivity"), only those rows are used. Wherever the rows
+hold several tau values for one arm, lines are drawn per (arm, tau).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ from matplotlib.ticker import MaxNLocator
 from spectra.errors import SpectraError
 from spectra.results import load_run, parse_ss_key, ss_key
 
-#: Edit-success metrics, in panel order (CounterFact and ZsRE names), on a 0-100 scale.
-EDIT_METRICS = ("efficacy", "paraphrase", "neighborhood", "generalization", "specificity", "fluency", "consistency")
+#: Edit-success metrics, in panel order (CounterFact and ZsRE names; "score" is their harmonic mean), 0-100 scale.
+EDIT_METRICS = (
+    "efficacy", "paraphrase", "neighborhood", "score", "generalization", "specificity", "fluency", "consistency",
+)
 
 #: Weight-norm metrics per round, in panel order.
 NORM_METRICS = ("fro_ratio", "delta_fro", "spectral_norm", "condition_number", "effective_rank")
@@ -92,22 +97,28 @@ def save_figure(fig: Figure, directory: Path, name: str, formats: Sequence[str] 
 def concentration_curve(rows: pd.DataFrame, baseline: bool = True) -> Figure:
     """Accuracy vs % of singular-value energy kept, one thin line per task and a thick mean (paper Fig. 2a).
 
-    With ``baseline``, the mean accuracy at fraction 100 (the unmodified matrix) is drawn dashed,
-    so the share of ability recovered at 5 % can be read off directly.
+    A task named "mean" is taken as the run's own task mean; otherwise the mean over tasks is
+    drawn. With ``baseline``, the unmodified model (rows flagged ``baseline``, else fraction 100)
+    is drawn dashed, so the share of ability recovered at 5 % can be read off directly.
     """
-    data = _select(rows, "accuracy", ("fraction", "task"), "the concentration curve")
-    data = data.assign(fraction=pd.to_numeric(data["fraction"]))
-    per_task = data.groupby(["task", "fraction"], sort=True)["value"].mean().unstack("task")
+    data = _select(_experiment(rows, "concentration"), "accuracy", ("task",), "the concentration curve")
+    flagged = _flag(data, "baseline")
+    curve = data[~flagged].dropna(subset=["fraction"]) if "fraction" in data.columns else data.iloc[:0]
+    if curve.empty:
+        raise NoData(_missing("the concentration curve", ("accuracy",), ("task", "fraction"), rows))
+    curve = curve.assign(fraction=pd.to_numeric(curve["fraction"]))
+    per_task = curve.groupby(["task", "fraction"], sort=True)["value"].mean().unstack("task")
+    mean = per_task.pop("mean") if "mean" in per_task.columns else per_task.mean(axis=1)
+    reference = data[flagged] if flagged.any() else curve[curve["fraction"] == 100]
     with style():
         fig = Figure(figsize=(5.2, 3.6), layout="constrained")
         ax = fig.add_subplot()
         colors = sns.color_palette("colorblind", per_task.shape[1])
         for color, task in zip(colors, per_task.columns):
             ax.plot(per_task.index, per_task[task], marker="o", ms=3, lw=1, alpha=0.8, color=color, label=str(task))
-        mean = per_task.mean(axis=1)
         ax.plot(mean.index, mean, color="black", lw=2.2, marker="o", ms=4, label="mean")
-        if baseline and 100 in mean.index:
-            ax.axhline(mean[100], color="0.4", ls="--", lw=1, label="original (100 %)")
+        if baseline and len(reference):
+            ax.axhline(_task_mean(reference), color="0.4", ls="--", lw=1, label="unmodified")
         ax.set(xlabel="singular-value energy kept (%)", ylabel="accuracy", title="Concentration of general ability")
         ax.legend(fontsize="small")
     return fig
@@ -118,12 +129,12 @@ def sensitivity_by_group(rows: pd.DataFrame, n_groups: int | None = None) -> Fig
 
     Rows with ``group == -1`` are the unperturbed model and are drawn as a dashed line per task;
     groups are labelled "0-10%" ... "90-100%" for ``n_groups`` groups (default: inferred).
-    Repeated rows are averaged, so pass rows of one perturbation strength (filter ``epsilon``).
+    Repeated rows are averaged, so pass rows of one perturbation strength (filter ``eps``).
     """
-    data = _select(rows, "accuracy", ("group", "task"), "the sensitivity figure")
+    data = _select(_experiment(rows, "sensitivity"), "accuracy", ("group", "task"), "the sensitivity figure")
     data = data.assign(group=pd.to_numeric(data["group"]).astype(int))
-    base = data[data["group"] < 0]
-    probes = data[data["group"] >= 0]
+    unperturbed = (data["group"] < 0) | _flag(data, "baseline")
+    base, probes = data[unperturbed], data[~unperturbed]
     if "side" not in probes.columns or probes["side"].isna().all():
         raise NoData("Cannot draw the sensitivity figure: its rows have no 'side' (input/output). Pass the rows of a sensitivity run.")
     probes = probes.dropna(subset=["side"])
@@ -131,7 +142,7 @@ def sensitivity_by_group(rows: pd.DataFrame, n_groups: int | None = None) -> Fig
     groups = n_groups or int(probes["group"].max()) + 1
     labels = [f"{100 * g // groups}-{100 * (g + 1) // groups}%" for g in range(groups)]
     tasks = _ordered(data["task"].unique(), ())
-    colors = dict(zip(tasks, sns.color_palette("colorblind", len(tasks))))
+    colors = {**dict(zip(tasks, sns.color_palette("colorblind", len(tasks)))), "mean": "black"}
     with style():
         fig = Figure(figsize=(4.6 * len(sides), 3.6), layout="constrained")
         axes = fig.subplots(1, len(sides), sharey=True, squeeze=False)[0]
@@ -163,7 +174,7 @@ def edit_metrics_by_round(rows: pd.DataFrame, metrics: Sequence[str] | None = No
         panels += [(m, timed[timed["metric"] == m]) for m in wanted if (timed["metric"] == m).any()]
         if "task" in timed.columns:
             ability = timed[(timed["metric"] == "accuracy") & timed["task"].notna()]
-            panels += [(f"{task} (accuracy)", ability[ability["task"] == task]) for task in _ordered(ability["task"].unique(), ())]
+            panels += [(f"{task} (accuracy)", ability[ability["task"] == task]) for task in _ordered(ability["task"].unique(), ("mean",))]
     if not panels:
         raise NoData(_missing("edit metrics by round", EDIT_METRICS + ("accuracy",), ("arm", "round"), rows))
     fig = _panels_by_round(panels, ncols, spread="sd", ylabel="score (%)", title="Editing and general ability per round")
@@ -208,7 +219,8 @@ def tsne_scatter(rows: pd.DataFrame) -> Figure:
     required = ("prompt_idx", "phase", "x", "y")
     if not set(required) <= set(rows.columns):
         raise NoData(f"Cannot draw the t-SNE scatter: rows need columns {list(required)}; they have {list(rows.columns)}.")
-    data = rows.dropna(subset=list(required))
+    data = rows[rows["metric"] == "tsne"] if "metric" in rows.columns and (rows["metric"] == "tsne").any() else rows
+    data = data.dropna(subset=list(required))
     if data.empty:
         raise NoData("Cannot draw the t-SNE scatter: no rows with prompt_idx, phase, x and y.")
     arms = _ordered(data["arm"].dropna().unique(), ("off",)) if "arm" in data.columns and data["arm"].notna().any() else [None]
@@ -253,7 +265,7 @@ def tau_sweep(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: i
     for metric in wanted:
         part = data[data["metric"] == metric]
         if "task" in part.columns and part["task"].notna().any():
-            panels += [(f"{task} ({metric})", part[part["task"] == task]) for task in _ordered(part["task"].dropna().unique(), ())]
+            panels += [(f"{task} ({metric})", part[part["task"] == task]) for task in _ordered(part["task"].dropna().unique(), ("mean",))]
         elif len(part):
             panels.append((metric, part))
     if not panels:
@@ -364,6 +376,27 @@ def _select(rows: pd.DataFrame, metric: str | Sequence[str], required: Sequence[
     if data.empty:
         raise NoData(_missing(figure, metrics, required, rows))
     return data
+
+
+def _experiment(rows: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of experiment ``name`` when the table says which experiment each row is from, else all rows."""
+    if "experiment" in rows.columns and (rows["experiment"] == name).any():
+        return rows[rows["experiment"] == name]
+    return rows
+
+
+def _flag(rows: pd.DataFrame, column: str) -> pd.Series:
+    """A boolean column read back from CSV (True/False/1/0/NaN) as a plain boolean mask; all False when absent."""
+    if column not in rows.columns:
+        return pd.Series(False, index=rows.index)
+    return rows[column].astype(str).str.lower().isin(("true", "1", "1.0"))
+
+
+def _task_mean(rows: pd.DataFrame) -> float:
+    """The run's own "mean" task when present, else the mean of the per-task means."""
+    if (rows["task"] == "mean").any():
+        return float(rows.loc[rows["task"] == "mean", "value"].mean())
+    return float(rows.groupby("task")["value"].mean().mean())
 
 
 def _missing(figure: str, metrics: Sequence[str], required: Sequence[str], rows: pd.DataFrame) -> str:

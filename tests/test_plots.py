@@ -28,15 +28,20 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 
 
 def concentration_rows() -> pd.DataFrame:
-    return _frame([{"experiment": "concentration", "task": t, "fraction": f, "metric": "accuracy", "value": f / 100}
-                   for t, f in itertools.product(TASKS, (5, 25, 50, 100))])
+    """Shaped as the concentration experiment writes them: a "mean" task and flagged unmodified-model rows."""
+    curve = [{"experiment": "concentration", "task": t, "fraction": f, "baseline": False, "metric": "accuracy", "value": f / 100}
+             for t, f in itertools.product((*TASKS, "mean"), (5, 25, 50, 100))]
+    base = [{"experiment": "concentration", "task": t, "baseline": True, "metric": "accuracy", "value": 0.95}
+            for t in (*TASKS, "mean")]
+    return _frame(curve + base)
 
 
 def sensitivity_rows() -> pd.DataFrame:
     probes = [{"experiment": "sensitivity", "side": s, "group": g, "seed": seed, "task": t, "metric": "accuracy",
                "value": 0.5 + 0.04 * g + 0.01 * seed}
               for s, g, seed, t in itertools.product(("input", "output"), range(10), range(3), TASKS)]
-    base = [{"experiment": "sensitivity", "group": -1, "task": t, "metric": "accuracy", "value": 0.9} for t in TASKS]
+    base = [{"experiment": "sensitivity", "group": -1, "baseline": True, "task": t, "metric": "accuracy", "value": 0.9}
+            for t in TASKS]
     return _frame(probes + base)
 
 
@@ -55,7 +60,7 @@ def drift_rows(edit: tuple[str, ...] = ("efficacy", "paraphrase", "neighborhood"
 
 def tsne_rows() -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    return _frame([{"arm": arm, "prompt_idx": i, "phase": phase, "x": rng.normal(), "y": rng.normal()}
+    return _frame([{"arm": arm, "prompt_idx": i, "phase": phase, "x": rng.normal(), "y": rng.normal(), "metric": "tsne", "value": np.nan}
                    for arm, i, phase in itertools.product(ARMS, range(20), ("pre", "post"))])
 
 
@@ -112,6 +117,13 @@ def test_sensitivity_labels_groups() -> None:
     ax = plots.sensitivity_by_group(sensitivity_rows()).axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels[0] == "0-10%" and labels[-1] == "90-100%"
+
+
+def test_concentration_uses_run_mean_and_baseline_rows() -> None:
+    """The run's own "mean" task is the thick line, and flagged baseline rows give the dashed line."""
+    ax = plots.concentration_curve(concentration_rows()).axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["mrpc", "sst2", "mean", "unmodified"] and ax.get_lines()[-1].get_ydata()[0] == 0.95
 
 
 def test_tau_sweep_uses_final_round_and_off_line() -> None:
