@@ -1,0 +1,76 @@
+"""Forward hooks the editors need: capture keys and block outputs, inject deltas, stop early."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from spectra.models.loading import LoadedModel
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once every needed activation is captured."""
+
+
+@contextmanager
+def capture_inputs(model: LoadedModel, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input of each layer's key module (the MEMIT key), keyed by layer."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], layer: int = layer) -> None:
+            captured[layer] = args[0].detach()
+        handles.append(model.adapter.key_module(layer).register_forward_pre_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_hidden(model: LoadedModel, layer: int) -> Iterator[dict[int, torch.Tensor]]:
+    """Record block ``layer``'s hidden-state output (tuple or bare tensor, by version)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        captured[layer] = model.adapter.hidden_of(output).detach()
+
+    handle = model.adapter.block(layer).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_hidden(model: LoadedModel, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace block ``layer``'s hidden states by ``edit(hidden)`` during the forward pass."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return model.adapter.with_hidden(output, edit(model.adapter.hidden_of(output)))
+
+    handle = model.adapter.block(layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def stop_after(model: LoadedModel, layer: int) -> Iterator[None]:
+    """End the forward pass right after block ``layer`` (the caller catches ``StopForward``).
+
+    Registered last, so hooks on the same block that capture its output run first.
+    """
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        raise StopForward
+
+    handle = model.adapter.block(layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

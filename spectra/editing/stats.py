@@ -1,0 +1,233 @@
+"""Second-moment statistics C = E[k k^T] of the MEMIT keys over a corpus, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
+
+from spectra.editing.hooks import StopForward, capture_inputs, stop_after
+from spectra.errors import SpectraError
+from spectra.models.loading import LoadedModel
+from spectra.models.sites import Site
+from spectra.models.tokens import pad_right
+from spectra.spectral import default_cache_root
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when the way statistics are computed changes, so older cache entries are not reused.
+STATS_VERSION = 1
+
+#: Forward throughputs (FLOP/s) used only to warn before a long computation; rough on purpose.
+_ASSUMED_FLOPS = {"cpu": 5e10, "cuda": 5e13}
+
+Corpus = Sequence[str] | Path
+
+
+def read_corpus(corpus: Corpus, n_samples: int | None) -> list[str]:
+    """The documents of ``corpus``: a list of strings, or a UTF-8 text file with one document per line."""
+    if isinstance(corpus, Path):
+        if not corpus.is_file():
+            raise SpectraError(f"The statistics corpus {corpus} does not exist; give a text file, one document per line.")
+        documents = [line.strip() for line in corpus.read_text(encoding="utf-8").splitlines()]
+    else:
+        documents = [str(doc).strip() for doc in corpus]
+    documents = [doc for doc in documents if doc]
+    if not documents:
+        raise SpectraError("The statistics corpus is empty; give at least one non-empty document.")
+    return documents if n_samples is None else documents[:n_samples]
+
+
+def corpus_fingerprint(documents: Sequence[str]) -> str:
+    """A content hash of the documents (order matters: the first n are the sample)."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: LoadedModel) -> str:
+    """A cheap hash of 64 evenly strided entries of every parameter.
+
+    Local models (the embedded tiny one included) report revision "local", so the revision alone
+    cannot tell a retrained model from the old one; a strided sample tells them apart without
+    reading (or hashing) the whole model.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.model.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    """Everything that changes the content of one layer's statistics."""
+
+    model: str
+    revision: str
+    weights: str
+    layer: int
+    corpus: str
+    n_samples: int
+    max_length: int
+    dtype: str = "float32"
+    version: int = STATS_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class StatsCache:
+    """Safetensors files plus a JSON manifest each, under ``<root>/stats/<model>/``."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root if root is not None else default_cache_root()) / "stats"
+
+    def _paths(self, key: StatsKey) -> tuple[Path, Path]:
+        folder = self.root / key.model.replace("/", "_").replace(os.sep, "_")
+        stem = f"layer{key.layer}-{key.digest()}"
+        return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+    def load(self, key: StatsKey) -> torch.Tensor | None:
+        """The cached mean C, or None on a miss (or a manifest that does not match the key)."""
+        tensor_path, manifest_path = self._paths(key)
+        if not (tensor_path.is_file() and manifest_path.is_file()):
+            return None
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") != key.__dict__:
+            return None
+        return load_file(str(tensor_path))["mom2"]
+
+    def save(self, key: StatsKey, mom2: torch.Tensor, n_tokens: int) -> None:
+        tensor_path, manifest_path = self._paths(key)
+        tensor_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"mom2": mom2.contiguous().cpu()}, str(tensor_path))
+        manifest = {"key": key.__dict__, "n_tokens": n_tokens, "shape": list(mom2.shape), "created": time.time()}
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+
+
+class KeyStatistics:
+    """Per-layer C = E[k k^T] of the down-projection input over every non-padding corpus token.
+
+    One object per corpus; results are memoised in the object and cached on disk. The statistics
+    must describe the *unedited* model: the ``fingerprint`` argument pins the weights they were computed
+    from, so a resumed run (edited weights) finds the original statistics instead of recomputing.
+    """
+
+    def __init__(
+        self, corpus: Corpus, n_samples: int | None = None, max_length: int = 1024, batch_size: int = 64,
+        cache: StatsCache | None = None, progress: bool = True,
+    ) -> None:
+        self.documents = read_corpus(corpus, n_samples)
+        self.corpus_id = corpus_fingerprint(self.documents)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.cache = cache if cache is not None else StatsCache()
+        self.progress = progress
+        self._memo: dict[StatsKey, torch.Tensor] = {}
+
+    def key(self, model: LoadedModel, layer: int, fingerprint: str) -> StatsKey:
+        """The cache key of one layer's statistics for the model whose weights hash to ``fingerprint``."""
+        return StatsKey(
+            model=model.name, revision=model.revision, weights=fingerprint, layer=layer,
+            corpus=self.corpus_id, n_samples=len(self.documents), max_length=self.max_length,
+        )
+
+    def second_moments(
+        self, model: LoadedModel, layers: Sequence[int], fingerprint: str | None = None, compute: bool = True
+    ) -> dict[int, torch.Tensor]:
+        """C per layer (float32, on the model's device); missing layers are computed in one pass.
+
+        ``compute=False`` turns a miss into an error: used after a resume, when the model in hand
+        is already edited and statistics computed from it would be wrong.
+        """
+        fingerprint = fingerprint or model_fingerprint(model)
+        keys = {layer: self.key(model, layer, fingerprint) for layer in layers}
+        found: dict[int, torch.Tensor] = {}
+        for layer, key in keys.items():
+            cached = self._memo.get(key)
+            if cached is None:
+                cached = self.cache.load(key)
+            if cached is not None:
+                self._memo[key] = cached
+                found[layer] = cached
+        missing = [layer for layer in layers if layer not in found]
+        if missing:
+            if not compute:
+                raise SpectraError(
+                    f"Key statistics for layers {missing} of the original {model.name} are not in the cache "
+                    f"{self.cache.root}; they cannot be recomputed from an already edited model. Restore the "
+                    "cache (or SPECTRA_CACHE) used by the original run."
+                )
+            sums, n_tokens = accumulate_second_moments(
+                model, missing, self.documents, self.max_length, self.batch_size, self.progress
+            )
+            for layer in missing:
+                mean = (sums[layer] / n_tokens).float()
+                self.cache.save(keys[layer], mean, n_tokens)
+                self._memo[keys[layer]] = mean
+                found[layer] = mean
+        return {layer: found[layer].to(model.device) for layer in layers}
+
+
+def _estimated_seconds(model: LoadedModel, n_tokens: int, deepest: int) -> float:
+    """Rough forward cost up to the deepest hooked block (2 FLOPs per parameter per token)."""
+    blocks = model.adapter.blocks()
+    params = sum(p.numel() for block in list(blocks)[: deepest + 1] for p in block.parameters())
+    return 2 * params * n_tokens / _ASSUMED_FLOPS.get(model.device.type, _ASSUMED_FLOPS["cpu"])
+
+
+def accumulate_second_moments(
+    model: LoadedModel, layers: Sequence[int], documents: Sequence[str], max_length: int, batch_size: int,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Sum of k k^T (float64) per layer and the token count, hooking all layers in one forward pass.
+
+    Features are cast to float32 for the per-batch outer products (the reference's mom2_dtype) and
+    the batch sums are added into a float64 accumulator, so long corpora do not lose small terms.
+    The forward pass stops after the deepest hooked layer.
+    """
+    tokenizer = model.tokenizer
+    rows = [list(tokenizer(doc)["input_ids"])[:max_length] for doc in documents]
+    rows = [row for row in rows if row]
+    n_tokens = sum(len(row) for row in rows)
+    seconds = _estimated_seconds(model, n_tokens, max(layers))
+    if seconds > 60:
+        logger.warning(
+            "Key statistics for %s layers %s are not cached: %d tokens x %d layers, roughly %.0f minutes. "
+            "They are cached afterwards.", model.name, list(layers), n_tokens, len(layers), seconds / 60,
+        )
+    # Sorting by length keeps padding (wasted compute) small inside each batch.
+    rows.sort(key=len)
+    d_k = {layer: model.adapter.shape(Site(layer, "mlp.down"))[1] for layer in layers}
+    sums = {layer: torch.zeros(d_k[layer], d_k[layer], dtype=torch.float64, device=model.device) for layer in layers}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"key statistics ({model.name})", total=n_tokens)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = pad_right(chunk, pad).to(model.device)
+            mask = batch.attention_mask.bool()
+            with capture_inputs(model, layers) as captured, stop_after(model, max(layers)), torch.no_grad():
+                try:
+                    model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                except StopForward:
+                    pass
+            for layer in layers:
+                feats = captured[layer][mask].float()
+                sums[layer] += (feats.T @ feats).double()
+            bar.advance(task, sum(len(r) for r in chunk))
+    return sums, n_tokens

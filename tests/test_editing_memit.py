@@ -1,0 +1,174 @@
+"""MEMIT, the shared machinery (statistics, templates, keys, z) and the hyperparameters and registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_editing_support import FAMILIES, corpus, requests, tiny_model, top_prediction
+
+from spectra.data.records import EditRequest
+from spectra.editing import (
+    IdentityFilter, KeyStatistics, MemitHParams, NseHParams, StatsCache, builtin_registry, make_editor, memit_solve,
+)
+from spectra.editing.core import key_rows, keys_and_hidden
+from spectra.editing.memit import MemitEditor
+from spectra.editing.registry import EditorRegistry
+from spectra.errors import SpectraError
+
+
+def small_hparams(**overrides: object) -> MemitHParams:
+    """Few steps, small lambda, last-token keys: a random model routes nothing from the subject."""
+    values = dict(
+        layers=(1, 2), key_position="last", v_num_grad_steps=20, v_lr=0.5, v_weight_decay=1e-3,
+        clamp_norm_factor=4.0, mom2_update_weight=0.1, mom2_n_samples=None, max_length=32, context_length=6,
+    )
+    values.update(overrides)
+    return MemitHParams(**values)
+
+
+def test_statistics_equal_hand_computed_mean_of_outer_products(tmp_path) -> None:
+    """C is the mean of k k^T over every non-padding token, whatever the batching."""
+    model = tiny_model("gpt2")
+    docs = ["alice lives in paris", "bob works in the big city of rome and likes oslo", "i see"]
+    stats = KeyStatistics(docs, max_length=32, batch_size=2, cache=StatsCache(tmp_path), progress=False)
+    got = stats.second_moments(model, [1, 3])
+    for layer in (1, 3):
+        feats = []
+        handle = model.adapter.key_module(layer).register_forward_pre_hook(lambda m, a: feats.append(a[0][0]))
+        for doc in docs:
+            with torch.no_grad():
+                model.model(input_ids=torch.tensor([model.tokenizer(doc)["input_ids"]]))
+        handle.remove()
+        keys = torch.cat(feats).double()
+        expected = keys.T @ keys / keys.shape[0]
+        torch.testing.assert_close(got[layer].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_are_cached_on_disk_with_a_manifest(tmp_path, monkeypatch) -> None:
+    """A second object over the same corpus reads the cache instead of running the model."""
+    model = tiny_model("llama")
+    docs = corpus(6)
+    first = KeyStatistics(docs, max_length=16, cache=StatsCache(tmp_path), progress=False).second_moments(model, [1])
+    manifests = list((tmp_path / "stats").rglob("*.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["key"]["layer"] == 1
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed despite the cache")
+
+    monkeypatch.setattr("spectra.editing.stats.accumulate_second_moments", boom)
+    again = KeyStatistics(docs, max_length=16, cache=StatsCache(tmp_path), progress=False).second_moments(model, [1])
+    torch.testing.assert_close(again[1], first[1])
+    with pytest.raises(SpectraError, match="not in the cache"):
+        KeyStatistics(docs[:3], max_length=16, cache=StatsCache(tmp_path)).second_moments(model, [1], compute=False)
+
+
+def test_memit_closed_form_equals_generic_least_squares() -> None:
+    """Delta = R K^T (lambda C + K K^T)^-1 minimises ||Delta K - R||^2 + lambda tr(Delta C Delta^T)."""
+    gen = torch.Generator().manual_seed(0)
+    d_v, d_k, n, lam = 5, 7, 3, 0.7
+    K = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    R = torch.randn(d_v, n, generator=gen, dtype=torch.float64)
+    X = torch.randn(d_k, 20, generator=gen, dtype=torch.float64)
+    C = X @ X.T / 20
+    delta = memit_solve(K, R, C, lam)
+    assert delta.is_factored and delta.left.shape[1] == n
+    # ||Delta [K, sqrt(lam) L]  - [R, 0]||^2 with C = L L^T: an ordinary least-squares problem.
+    L = torch.linalg.cholesky(C)
+    A = torch.cat([K, lam**0.5 * L], dim=1)
+    B = torch.cat([R, torch.zeros(d_v, d_k, dtype=torch.float64)], dim=1)
+    expected = torch.linalg.lstsq(A.T, B.T).solution.T
+    torch.testing.assert_close(delta.to_dense().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memit_changes_the_prediction_of_edited_facts(family: str, tmp_path) -> None:
+    """A round of MEMIT makes each new target the model's top prediction (every architecture family)."""
+    model = tiny_model(family)
+    reqs = requests(model, 3)
+    before = model.adapter.read(model.adapter.sites(("mlp.down",), [0])[0])
+    editor = MemitEditor(small_hparams(), corpus(), stats_cache=StatsCache(tmp_path), progress=False)
+    editor.prepare(model, reqs)
+    written = editor.apply_round(model, reqs, IdentityFilter())
+    assert set(written) == set(editor.edited_sites(model))
+    for request in reqs:
+        assert top_prediction(model, request.filled()) == request.target_new
+    torch.testing.assert_close(model.adapter.read(model.adapter.sites(("mlp.down",), [0])[0]), before)
+
+
+def test_subject_last_keys_write_z_into_the_subject_representation(tmp_path) -> None:
+    """With MEMIT's default keys the hidden state at the subject's last token moves onto z."""
+    model = tiny_model("llama")
+    reqs = [
+        EditRequest(0, "{} lives in", "alice", "rome"), EditRequest(1, "the house of {} is in", "bob", "oslo"),
+    ]
+    editor = MemitEditor(small_hparams(key_position="subject_last", layers=(0, 1, 2)), corpus(),
+                         stats_cache=StatsCache(tmp_path), progress=False)
+    editor.prepare(model, reqs)
+    rows = key_rows(model, reqs, editor.templates, "subject_last")
+    from spectra.editing.core import optimize_targets
+
+    z = optimize_targets(model, reqs, editor.templates, editor.z_settings())
+    _, before = keys_and_hidden(model, rows, [0], 2, 64)
+    torch.manual_seed(0)
+    editor._spread(model, rows, z, IdentityFilter())
+    _, after = keys_and_hidden(model, rows, [0], 2, 64)
+    assert float((after - z).norm()) < 0.05 * float((before - z).norm())
+
+
+def test_templates_are_seeded_and_well_formed(tmp_path) -> None:
+    """Same seed, same templates; the first is the bare prompt and every other ends in '. {}'."""
+    model = tiny_model("gptj")
+    reqs = requests(model, 1)
+    first, second = (MemitEditor(small_hparams(), corpus(), stats_cache=StatsCache(tmp_path), progress=False) for _ in range(2))
+    first.prepare(model, reqs)
+    second.prepare(model, reqs)
+    assert first.templates == second.templates and len(first.templates) == 6
+    assert first.templates[0] == "{}" and all(t.endswith(". {}") for t in first.templates[1:])
+    other = MemitEditor(small_hparams(seed=1), corpus(), stats_cache=StatsCache(tmp_path), progress=False)
+    other.prepare(model, reqs)
+    assert other.templates != first.templates
+
+
+def test_bad_requests_and_layers_are_clear_errors(tmp_path) -> None:
+    model = tiny_model("llama")
+    editor = MemitEditor(small_hparams(), corpus(), stats_cache=StatsCache(tmp_path), progress=False)
+    with pytest.raises(SpectraError, match="placeholder"):
+        editor.prepare(model, [EditRequest(0, "alice lives in", "alice", "rome")])
+    deep = MemitEditor(small_hparams(layers=(2, 9)), corpus(), stats_cache=StatsCache(tmp_path), progress=False)
+    with pytest.raises(SpectraError, match="out of range"):
+        deep.prepare(model, requests(model, 1))
+    with pytest.raises(SpectraError, match="prepare"):
+        editor.apply_round(model, requests(model, 1), IdentityFilter())
+
+
+def test_hparams_defaults_and_validation() -> None:
+    tiny = MemitHParams.for_model("tiny")
+    assert tiny.layers == (1, 2, 3) and tiny.z_layer == 3 and tiny.key_position == "subject_last"
+    assert MemitHParams.for_model("gpt2-xl").mom2_update_weight == 20000
+    nse = NseHParams.for_model("gpt2-xl")
+    assert nse.mom2_update_weight == 10000 and nse.alpha == 35 and nse.layers == (13, 14, 15, 16, 17)
+    assert MemitHParams.for_model("llama3", v_lr=0.2).v_lr == 0.2
+    with pytest.raises(SpectraError, match="No MemitHParams defaults"):
+        MemitHParams.for_model("bert")
+    with pytest.raises(SpectraError, match="ascending"):
+        MemitHParams(layers=(3, 1))
+    with pytest.raises(SpectraError, match="key_position"):
+        MemitHParams(layers=(1,), key_position="first")
+    with pytest.raises(SpectraError, match="no hyperparameter"):
+        MemitHParams.for_model("tiny", nullspace_threshold=1.0)
+
+
+def test_registry_is_lazy_and_rejects_duplicates() -> None:
+    registry = builtin_registry()
+    assert registry.names() == ["alphaedit", "memit", "nse", "prune", "rect"]
+    with pytest.raises(SpectraError, match="already registered"):
+        registry.register("memit", MemitEditor)
+    with pytest.raises(SpectraError, match="Unknown editor"):
+        registry.resolve("rome")
+    custom = EditorRegistry()
+    custom.register("mine", "spectra.editing.memit:MemitEditor")
+    assert custom.resolve("mine") is MemitEditor
+    editor = make_editor("memit", "tiny", corpus=corpus(2))
+    assert isinstance(editor, MemitEditor) and editor.hparams.mom2_update_weight == 1000
