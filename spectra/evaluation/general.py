@@ -1,0 +1,81 @@
+"""General ability: multiple-choice items scored by the likelihood of their label words, with per-task metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, matthews_corrcoef
+from torch import nn
+
+from spectra.data.general import load_general_items
+from spectra.data.records import MultipleChoiceItem
+from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
+
+
+def choice_nlls(
+    model: nn.Module, tokenizer: object, items: Sequence[MultipleChoiceItem], batch_size: int = 128
+) -> list[list[float]]:
+    """Mean NLL of " " + choice after each item's prompt, for every choice, all items in shared batches."""
+    texts = [(item.prompt, choice) for item in items for choice in item.choices]
+    scores = score_continuations(model, encode_pairs(tokenizer, texts), pad_id_of(tokenizer), batch_size)
+    nlls, offset = [], 0
+    for item in items:
+        nlls.append([s.mean_nll for s in scores[offset : offset + len(item.choices)]])
+        offset += len(item.choices)
+    return nlls
+
+
+def predict(
+    model: nn.Module, tokenizer: object, items: Sequence[MultipleChoiceItem], batch_size: int = 128
+) -> list[int]:
+    """The index of each item's most likely choice (lowest mean NLL; the first one on ties)."""
+    return [int(np.argmin(nll)) for nll in choice_nlls(model, tokenizer, items, batch_size)]
+
+
+def classification_metrics(gold: Sequence[int], predicted: Sequence[int], n_choices: int) -> dict[str, float]:
+    """Accuracy, F1 (binary with choice 1 positive for two choices, else macro) and MCC, as fractions.
+
+    MCC is 0 when gold and predictions hold a single class between them (it is undefined there).
+    """
+    gold_arr, pred_arr = np.asarray(gold), np.asarray(predicted)
+    average = "binary" if n_choices == 2 else "macro"
+    labels = list(range(n_choices))
+    return {
+        "accuracy": float((gold_arr == pred_arr).mean()),
+        "f1": float(f1_score(gold_arr, pred_arr, average=average, labels=labels, zero_division=0.0)),
+        "mcc": float(matthews_corrcoef(gold_arr, pred_arr)) if len(set(gold) | set(predicted)) > 1 else 0.0,
+        "n": float(len(gold_arr)),
+    }
+
+
+@dataclass
+class GeneralAbility:
+    """A fixed set of items per task, scored on demand: ``ability(model, tokenizer) -> {task: {metric: value}}``.
+
+    Probes and the edit loop hold one of these and call it after every change to the weights.
+    Metrics are fractions in [0, 1] (MCC in [-1, 1]); ``n`` is the number of items.
+    """
+
+    items: Mapping[str, Sequence[MultipleChoiceItem]]
+    batch_size: int = 128
+
+    def __call__(self, model: nn.Module, tokenizer: object) -> dict[str, dict[str, float]]:
+        everything = [item for name in self.items for item in self.items[name]]
+        predictions = predict(model, tokenizer, everything, self.batch_size)
+        results, offset = {}, 0
+        for name, items in self.items.items():
+            if not items:
+                continue
+            chosen = predictions[offset : offset + len(items)]
+            offset += len(items)
+            n_choices = max(len(item.choices) for item in items)
+            results[name] = classification_metrics([item.gold for item in items], chosen, n_choices)
+        return results
+
+    @classmethod
+    def from_file(cls, path: Path, batch_size: int = 128) -> "GeneralAbility":
+        """Items from a JSON list of ``{task, prompt, choices, gold}`` (the tiny world's format)."""
+        return cls(load_general_items(path), batch_size)
