@@ -6,26 +6,21 @@ import json
 
 import pytest
 import torch
-from test_editing_support import FAMILIES, corpus, requests, tiny_model, top_prediction
+from test_editing_support import FAMILIES, SMALL, corpus, requests, tiny_model, top_prediction
+from test_editing_support import single_thread  # noqa: F401 - autouse fixture, applied to this module
 
 from spectra.data.records import EditRequest
 from spectra.editing import (
     IdentityFilter, KeyStatistics, MemitHParams, NseHParams, StatsCache, builtin_registry, make_editor, memit_solve,
 )
-from spectra.editing.core import key_rows, keys_and_hidden
+from spectra.editing.core import key_rows, keys_and_hidden, optimize_targets
 from spectra.editing.memit import MemitEditor
 from spectra.editing.registry import EditorRegistry
 from spectra.errors import SpectraError
 
 
 def small_hparams(**overrides: object) -> MemitHParams:
-    """Few steps, small lambda, last-token keys: a random model routes nothing from the subject."""
-    values = dict(
-        layers=(1, 2), key_position="last", v_num_grad_steps=20, v_lr=0.5, v_weight_decay=1e-3,
-        clamp_norm_factor=4.0, mom2_update_weight=0.1, mom2_n_samples=None, max_length=32, context_length=6,
-    )
-    values.update(overrides)
-    return MemitHParams(**values)
+    return MemitHParams(**{**SMALL, **overrides})
 
 
 def test_statistics_equal_hand_computed_mean_of_outer_products(tmp_path) -> None:
@@ -107,11 +102,8 @@ def test_subject_last_keys_write_z_into_the_subject_representation(tmp_path) -> 
                          stats_cache=StatsCache(tmp_path), progress=False)
     editor.prepare(model, reqs)
     rows = key_rows(model, reqs, editor.templates, "subject_last")
-    from spectra.editing.core import optimize_targets
-
     z = optimize_targets(model, reqs, editor.templates, editor.z_settings())
     _, before = keys_and_hidden(model, rows, [0], 2, 64)
-    torch.manual_seed(0)
     editor._spread(model, rows, z, IdentityFilter())
     _, after = keys_and_hidden(model, rows, [0], 2, 64)
     assert float((after - z).norm()) < 0.05 * float((before - z).norm())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from typing import Iterator
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -21,6 +23,24 @@ FILLER = [
     "likes", "near", "big", "small", "old", "new", "river", "house", "sees", "with", ".", ",",
 ]
 FAMILIES = ("llama", "gpt2", "gptj")
+
+#: Editor hyperparameters for the random models: few steps, small lambda, a light weight decay
+#: (hidden norms are ~1, so ||delta|| / ||h0||^2 would dominate), and last-token keys (random
+#: attention moves nothing from the subject to the last position).
+SMALL: dict[str, object] = dict(
+    layers=(1, 2), key_position="last", v_num_grad_steps=20, v_lr=0.5, v_weight_decay=1e-3,
+    clamp_norm_factor=4.0, mom2_update_weight=0.1, mom2_n_samples=None, max_length=32, context_length=6,
+)
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: these matrices are tiny, and on a busy 2-core machine thread contention
+    made each forward pass ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tokenizer() -> PreTrainedTokenizerFast:

@@ -97,9 +97,11 @@ class KeyCache:
         self.sums: dict[int, torch.Tensor] = {}
 
     def get(self, layer: int, d_k: int, device: torch.device) -> torch.Tensor:
-        """The layer's sum (zeros before the first round)."""
+        """The layer's sum (zeros before the first round), on ``device``."""
         if layer not in self.sums:
             self.sums[layer] = torch.zeros(d_k, d_k, device=device)
+        elif self.sums[layer].device != device:
+            self.sums[layer] = self.sums[layer].to(device)
         return self.sums[layer]
 
     def update(self, model: LoadedModel, rows: PromptRows, layers: Sequence[int], batch_size: int) -> None:
@@ -111,10 +113,10 @@ class KeyCache:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"key_cache.{layer}": value.cpu() for layer, value in self.sums.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore saved sums (moved to the model's device on first use)."""
         self.sums = {
-            int(name.split(".", 1)[1]): value.to(device) if device is not None else value.clone()
-            for name, value in state.items() if name.startswith("key_cache.")
+            int(name.split(".", 1)[1]): value.float().clone() for name, value in state.items() if name.startswith("key_cache.")
         }
 
 

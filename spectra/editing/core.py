@@ -93,6 +93,15 @@ class PromptRows:
         """Row indices in chunks of at most ``max_rows``, never splitting one request's rows."""
         return chunk_by_owner(self.owner, max_rows)
 
+    def subset(self, owners: Sequence[int]) -> "PromptRows":
+        """The rows of the given requests, renumbered 0..len(owners)-1 in the given order."""
+        new_index = {owner: i for i, owner in enumerate(owners)}
+        keep = [r for r in range(len(self.ids)) if self.owner[r] in new_index]
+        return PromptRows(
+            [self.ids[r] for r in keep], [self.lookup[r] for r in keep],
+            [new_index[self.owner[r]] for r in keep], [self.weight[r] for r in keep],
+        )
+
 
 def chunk_by_owner(owners: Sequence[int], max_rows: int) -> list[list[int]]:
     """Indices into ``owners`` grouped in chunks of at most ``max_rows`` (more if one request has more rows).
@@ -150,7 +159,7 @@ def keys_and_hidden(
     keys: dict[int, torch.Tensor] = {}
     hidden: torch.Tensor | None = None
     first_row = {owner: rows.owner.index(owner) for owner in range(n)}
-    deepest = max(layers) if hidden_layer is None else max(*layers, hidden_layer)
+    deepest = max([*layers] + ([] if hidden_layer is None else [hidden_layer]))
     for chunk in rows.chunks(batch_size):
         input_ids, mask = _forward(model, [rows.ids[r] for r in chunk])
         at = torch.arange(len(chunk), device=device)
