@@ -13,6 +13,7 @@ from spectra.data.records import EditRequest
 from spectra.editing import (
     IdentityFilter, KeyStatistics, MemitHParams, NseHParams, StatsCache, builtin_registry, make_editor, memit_solve,
 )
+from spectra.editing import stats as stats_module
 from spectra.editing.core import key_rows, keys_and_hidden, optimize_targets
 from spectra.editing.memit import MemitEditor
 from spectra.editing.registry import EditorRegistry
@@ -164,3 +165,37 @@ def test_registry_is_lazy_and_rejects_duplicates() -> None:
     assert custom.resolve("mine") is MemitEditor
     editor = make_editor("memit", "tiny", corpus=corpus(2))
     assert isinstance(editor, MemitEditor) and editor.hparams.mom2_update_weight == 1000
+
+
+def test_joint_z_optimisation_equals_one_request_at_a_time() -> None:
+    """The batched z optimisation is n independent optimisations (Adam is elementwise, losses add)."""
+    model = tiny_model("gpt2")
+    reqs = requests(model, 3)
+    settings = MemitEditor(small_hparams(v_num_grad_steps=8)).z_settings()
+    templates = ["{}", "the big city . {}"]
+    joint = optimize_targets(model, reqs, templates, settings)
+    alone = torch.cat([optimize_targets(model, [r], templates, settings) for r in reqs], dim=1)
+    torch.testing.assert_close(joint, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_statistics_pass_is_announced_before_it_starts(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setitem(stats_module._ASSUMED_FLOPS, "cpu", 1.0)
+    model = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="spectra.editing.stats"):
+        KeyStatistics(corpus(3), max_length=16, cache=StatsCache(tmp_path), progress=False).second_moments(model, [1, 2])
+    assert "not cached" in caplog.text and "2 layers" in caplog.text
+
+
+def test_bf16_models_are_edited_through_float32_masters(tmp_path) -> None:
+    """A bf16 model's edited matrices keep float32 masters (saved in the state) that round to the weights."""
+    model = tiny_model("llama")
+    model.model.to(torch.bfloat16)
+    reqs = requests(model, 2)
+    editor = MemitEditor(small_hparams(), corpus(), stats_cache=StatsCache(tmp_path), progress=False)
+    editor.prepare(model, reqs)
+    editor.apply_round(model, reqs, IdentityFilter())
+    state = editor.state_dict()
+    for site in editor.edited_sites(model):
+        master = state[f"master.{site}"]
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master.to(torch.bfloat16), model.adapter.read(site), rtol=0, atol=0)

@@ -10,8 +10,9 @@ from typing import ClassVar, Protocol, Sequence
 import torch
 
 from spectra.data.records import EditRequest
-from spectra.editing.core import PromptRows, ZSettings, check_request, generate_templates, key_rows
-from spectra.editing.core import keys_and_hidden, optimize_targets
+from spectra.editing.core import (
+    PromptRows, ZSettings, check_request, generate_templates, key_rows, keys_and_hidden, optimize_targets,
+)
 from spectra.editing.filters import SiteFilter, begin_round
 from spectra.editing.hparams import MemitHParams
 from spectra.editing.stats import Corpus, KeyStatistics, StatsCache, model_fingerprint

@@ -262,24 +262,23 @@ def optimize_targets(
     optimizer = torch.optim.Adam([delta], lr=settings.lr)
     h0 = torch.zeros(n, d_model, device=model.device)
     p0: dict[int, torch.Tensor] = {}
-    active = list(range(n))
+    active = set(range(n))
     losses = torch.zeros(n)
     for step in range(settings.steps):
         optimizer.zero_grad()
-        owners_active = set(active)
-        subset = [r for r in range(len(rows.ids)) if rows.owner[r] in owners_active]
-        finished: list[int] = []
+        subset = [r for r in range(len(rows.ids)) if rows.owner[r] in active]
+        finished: set[int] = set()
         for indices in chunk_by_owner([rows.owner[r] for r in subset], settings.batch_size):
             chunk = [subset[i] for i in indices]
             per_request = _z_loss(model, rows, chunk, delta, h0, p0, settings, first=step == 0)
             for owner, value in per_request.items():
                 losses[owner] = float(value.detach())
-            done = [o for o in per_request if losses[o] < settings.early_stop_loss]
-            finished.extend(done)
+            done = {o for o in per_request if losses[o] < settings.early_stop_loss}
+            finished |= done
             pending = [value for owner, value in per_request.items() if owner not in done]
             if pending and step < settings.steps - 1:
                 torch.stack(pending).sum().backward()
-        active = [o for o in active if o not in finished]
+        active -= finished
         if not active or step == settings.steps - 1:
             break
         # Finished requests keep their delta: Adam's momentum would otherwise still move them.

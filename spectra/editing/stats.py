@@ -129,12 +129,13 @@ class KeyStatistics:
 
     def __init__(
         self, corpus: Corpus, n_samples: int | None = None, max_length: int = 1024, batch_size: int = 64,
-        cache: StatsCache | None = None, progress: bool = True,
+        cache: StatsCache | None = None, progress: bool = True, batch_tokens: int = 16384,
     ) -> None:
         self.documents = read_corpus(corpus, n_samples)
         self.corpus_id = corpus_fingerprint(self.documents)
         self.max_length = max_length
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.cache = cache if cache is not None else StatsCache()
         self.progress = progress
         self._memo: dict[StatsKey, torch.Tensor] = {}
@@ -173,7 +174,7 @@ class KeyStatistics:
                     "cache (or SPECTRA_CACHE) used by the original run."
                 )
             sums, n_tokens = accumulate_second_moments(
-                model, missing, self.documents, self.max_length, self.batch_size, self.progress
+                model, missing, self.documents, self.max_length, self.batch_size, self.progress, self.batch_tokens
             )
             for layer in missing:
                 mean = (sums[layer] / n_tokens).float()
@@ -192,13 +193,14 @@ def _estimated_seconds(model: LoadedModel, n_tokens: int, deepest: int) -> float
 
 def accumulate_second_moments(
     model: LoadedModel, layers: Sequence[int], documents: Sequence[str], max_length: int, batch_size: int,
-    progress: bool = True,
+    progress: bool = True, batch_tokens: int = 16384,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Sum of k k^T (float64) per layer and the token count, hooking all layers in one forward pass.
 
     Features are cast to float32 for the per-batch outer products (the reference's mom2_dtype) and
     the batch sums are added into a float64 accumulator, so long corpora do not lose small terms.
-    The forward pass stops after the deepest hooked layer.
+    The forward pass stops after the deepest hooked layer. Batches hold at most ``batch_size``
+    documents and ``batch_tokens`` padded tokens (long documents of real models come a few at a time).
     """
     tokenizer = model.tokenizer
     rows = [list(tokenizer(doc)["input_ids"])[:max_length] for doc in documents]
@@ -217,8 +219,7 @@ def accumulate_second_moments(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"key statistics ({model.name})", total=n_tokens)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        for chunk in _length_batches(rows, batch_size, batch_tokens):
             batch = pad_right(chunk, pad).to(model.device)
             mask = batch.attention_mask.bool()
             with capture_inputs(model, layers) as captured, stop_after(model, max(layers)), torch.no_grad():
@@ -231,3 +232,18 @@ def accumulate_second_moments(
                 sums[layer] += (feats.T @ feats).double()
             bar.advance(task, sum(len(r) for r in chunk))
     return sums, n_tokens
+
+
+def _length_batches(rows: list[list[int]], batch_size: int, batch_tokens: int) -> list[list[list[int]]]:
+    """Consecutive rows grouped under a row and a padded-token budget (rows sorted by length, so the
+    newest row sets the padded width)."""
+    batches: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    for row in rows:
+        if current and (len(current) >= batch_size or (len(current) + 1) * len(row) > batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(row)
+    if current:
+        batches.append(current)
+    return batches
