@@ -73,3 +73,174 @@ def train_tiny(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# -- option helpers ------------------------------------------------------------------------------
+MODEL = typer.Option("tiny", "--model", help="Model alias (spectra models), local directory or cached hub id.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+DTYPE = typer.Option("float32", "--dtype", help="Model dtype: float32, float16 or bfloat16 (solves and SVDs stay fp32).")
+SEED = typer.Option(0, "--seed", help="Seed of every random choice (generators are passed explicitly).")
+OUT = typer.Option(None, "--out", help="Run directory to write [default: runs/<time>-<command>].")
+ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Let transformers download a model missing from the cache.")
+SITES = typer.Option(None, "--sites", help="Comma-separated KIND or KIND@LAYER (e.g. mlp.down or mlp.up@2,mlp.down@2) "
+                     "[default: the FFN matrices of every layer].")
+TASKS = typer.Option(None, "--tasks", help="Comma-separated general-ability tasks [default: the tiny world's four tasks, "
+                     "or sst2,mrpc,cola,rte for a real model].")
+ITEMS = typer.Option(100, "--items-per-task", help="Items per general-ability task (class-balanced, seeded subsample).")
+GLUE_DIR = typer.Option(None, "--glue-dir", help="Directory of <task>.jsonl files for real models [default: the local "
+                        "Hugging Face datasets cache].")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SpectraError(f"{name} must be a comma-separated list of numbers, got {text!r}.") from None
+
+
+def _general(tasks: str | None, items: int, glue_dir: Path | None) -> "GeneralOptions":
+    from spectra.experiments.common import GeneralOptions
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    return GeneralOptions(tasks=names, items_per_task=items, data_dir=glue_dir)
+
+
+@app.command()
+@friendly_errors
+def spectrum(
+    model: str = MODEL, sites: str = SITES, taus: str = typer.Option("0.05,0.1,0.2,0.3", help="Energy thresholds tau."),
+    svd_dtype: str = typer.Option("float32", help="SVD precision: float32 or float64."),
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+) -> None:
+    """Per site: shape, k and k/rank per tau, spectral norm, condition number, effective rank."""
+    from spectra.experiments.probes import SpectrumConfig, run_spectrum
+
+    config = SpectrumConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
+                            sites=sites, taus=_floats(taus, "--taus"), svd_dtype=svd_dtype)
+    path, rows = run_spectrum(config)
+    table = Table("site", "shape", *[f"k/r @{t:g}" for t in config.taus], "sigma_1", "cond", "eff. rank")
+    by_site: dict[str, dict] = {}
+    for row in rows:
+        key = row["metric"] + (f"@{row['tau']:g}" if row["tau"] is not None else "")
+        by_site.setdefault(row["site"], {})[key] = row["value"]
+    for site, values in by_site.items():
+        table.add_row(site, f"{int(values['m'])}x{int(values['n'])}",
+                      *[f"{int(values[f'k@{t:g}'])} ({values[f'k_over_rank@{t:g}']:.1%})" for t in config.taus],
+                      f"{values['spectral_norm']:.3g}", f"{values['condition_number']:.3g}", f"{values['effective_rank']:.1f}")
+    console.print(table)
+    console.print(f"run directory: {path}")
+
+
+@app.command()
+@friendly_errors
+def concentration(
+    model: str = MODEL, sites: str = SITES,
+    fractions: str = typer.Option("5,10,20,30,40,50,60,70,80,90,100", help="Percent of singular-value energy kept, each in (0, 100]."),
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR,
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+) -> None:
+    """Reconstruct the sites from their top-n % energy and measure general ability (paper Fig. 2a)."""
+    from spectra.experiments.probes import ConcentrationConfig, run_concentration
+
+    config = ConcentrationConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
+                                 sites=sites, fractions=_floats(fractions, "--fractions"),
+                                 general=_general(tasks, items_per_task, glue_dir))
+    path = run_concentration(config)
+    _summarise(path, ["fraction", "task"], "accuracy")
+
+
+@app.command()
+@friendly_errors
+def sensitivity(
+    model: str = MODEL, sites: str = SITES,
+    side: str = typer.Option("both", help="input (Eq. 2: remap v_j of a group), output (App. F.1: remap u_i) or both."),
+    eps: float = typer.Option(0.1, help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute."),
+    eps_absolute: bool = typer.Option(False, "--eps-absolute", help="Read --eps as an absolute Frobenius norm."),
+    seeds: int = typer.Option(3, help="Random perturbations per group."),
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR,
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+) -> None:
+    """Perturb each energy group (0-10 %, ..., 90-100 %) and measure general ability (paper Fig. 2b, 11)."""
+    from spectra.experiments.probes import SensitivityConfig, run_sensitivity
+
+    config = SensitivityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
+                               sites=sites, side=side, eps=eps, eps_absolute=eps_absolute, seeds=seeds,
+                               general=_general(tasks, items_per_task, glue_dir))
+    path = run_sensitivity(config)
+    _summarise(path, ["side", "group"], "accuracy", task="mean")
+
+
+@app.command()
+@friendly_errors
+def drift(
+    model: str = MODEL,
+    editor: str = typer.Option("memit", help="memit, alphaedit, rect, prune or nse."),
+    rounds: int = typer.Option(20, help="Sequential editing rounds."),
+    batch_size: int = typer.Option(100, help="Edits per round."),
+    revive: str = typer.Option("both", help="on, off or both (two arms over identical requests)."),
+    tau: str = typer.Option("0.1", help="REVIVE energy threshold(s) in (0, 1); several (0.05,0.1,...) run a tau sweep."),
+    dataset: str = typer.Option("auto", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path [default: tiny for "
+                                "the tiny model, else counterfact]."),
+    refresh: str = typer.Option("original", help="REVIVE basis: from the original weights, or rebuilt from the current ones each round."),
+    placement: str = typer.Option("after", help="AlphaEdit only: REVIVE after the solve, or in_solve (combined projector)."),
+    metric_tau: float = typer.Option(0.1, help="tau defining the dominant subspace for LS and SS."),
+    ss_every: int = typer.Option(2, help="Store SS matrices every N rounds (and the last)."),
+    eval_records: int = typer.Option(200, help="Edited records sampled for the per-round edit metrics."),
+    represent_prompts: int = typer.Option(200, help="Held-out factual prompts for representation shift (0 = off)."),
+    tsne: bool = typer.Option(False, "--tsne", help="Add a joint t-SNE of the last round against the original states."),
+    stats_corpus: Path = typer.Option(None, help="Text file (one document per line) for the key statistics "
+                                      "[default: the tiny world's corpus; required for real models]."),
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR,
+    resume: Path = typer.Option(None, help="Continue an interrupted run directory from its last finished round."),
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+) -> None:
+    """Edit round after round with REVIVE on and off; track LS, SS, norms, edit metrics and general ability."""
+    from spectra.experiments.drift import DriftConfig, run_drift
+
+    config = DriftConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
+                         editor=editor, rounds=rounds, batch_size=batch_size, revive=revive, tau=_floats(tau, "--tau"),
+                         dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
+                         ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
+                         stats_corpus=stats_corpus, general=_general(tasks, items_per_task, glue_dir), resume=resume)
+    path = run_drift(config)
+    _summarise(path, ["arm", "round"], "efficacy", last_round_only=True)
+    console.print(f"figures: {path / 'figures'}")
+
+
+@app.command()
+@friendly_errors
+def plot(run_dir: Path = typer.Argument(..., help="A finished run directory.")) -> None:
+    """Redraw every figure of a run from its directory alone (no model needed)."""
+    from spectra.plots import plot_run
+
+    for figure in plot_run(run_dir):
+        console.print(str(figure))
+
+
+@app.command()
+@friendly_errors
+def data() -> None:
+    """Show which standard dataset files are present locally and where to put missing ones."""
+    from spectra.data.datasets import local_data, where_to_put
+
+    table = Table("name", "file", "present", "what it is for", "path")
+    for status in local_data():
+        table.add_row(status.file.name, status.file.filename, "yes" if status.present else "no",
+                      status.file.purpose, str(status.path))
+    console.print(table)
+    console.print(where_to_put())
+
+
+def _summarise(path: Path, by: list[str], metric: str, task: str | None = None, last_round_only: bool = False) -> None:
+    """Print a compact table of one metric from a finished run."""
+    from spectra.results import load_run
+
+    rows = load_run(path).rows
+    rows = rows[rows["metric"] == metric]
+    if task is not None and "task" in rows:
+        rows = rows[rows["task"] == task]
+    if last_round_only and "round" in rows and len(rows):
+        rows = rows[rows["round"] == rows["round"].max()]
+    if len(rows):
+        console.print(rows.groupby([c for c in by if c in rows], dropna=False)["value"].mean().round(4).to_string())
+    console.print(f"run directory: {path}")

@@ -1,0 +1,172 @@
+"""The sequential edit loop: rounds of batches, editor -> filter -> write -> observers; REVIVE on/off as arms.
+
+Every arm runs over the same requests in the same order, starting from the same original weights
+(restored between arms) with a freshly built editor, so REVIVE on and off differ only by the
+filter. After every round the loop calls the observers and hands their rows, plus everything
+needed to resume (the edited weights and the editor's state), to ``on_round`` for checkpointing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from spectra.data.records import EditRequest
+from spectra.editing.base import Editor
+from spectra.editing.filters import SiteFilter
+from spectra.errors import SpectraError
+from spectra.models.loading import LoadedModel
+from spectra.models.sites import Site
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: REVIVE off (``tau`` None) or on with threshold ``tau``."""
+
+    name: str
+    tau: float | None = None
+
+
+@dataclass
+class RoundRecord:
+    """What observers measured after one round: tidy rows and named tensors (e.g. SS matrices)."""
+
+    rows: list[dict] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Observer(Protocol):
+    """Measures the model after a round (round 0 = before any edit) and returns rows/tensors."""
+
+    def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord: ...
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an interrupted run stopped: the arm index and its last finished round, with saved state."""
+
+    arm_index: int
+    round: int
+    weights: dict[Site, torch.Tensor]
+    editor_state: dict[str, torch.Tensor]
+
+
+RoundCallback = Callable[[Arm, int, int, RoundRecord, dict[str, dict[str, torch.Tensor]]], None]
+
+
+def site_key(site: Site) -> str:
+    """A safetensors-friendly name for a site's tensor in checkpoint state."""
+    return str(site)
+
+
+class EditLoop:
+    """Runs ``rounds`` rounds of ``batch_size`` requests per arm; see the module docstring."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        requests: Sequence[EditRequest],
+        rounds: int,
+        batch_size: int,
+        make_editor: Callable[[], Editor],
+        make_filter: Callable[[Arm], SiteFilter],
+        observers: Sequence[Observer],
+    ) -> None:
+        if rounds < 1 or batch_size < 1:
+            raise SpectraError(f"rounds and batch size must be at least 1 (got {rounds} and {batch_size}).")
+        needed = rounds * batch_size
+        if len(requests) < needed:
+            raise SpectraError(
+                f"{rounds} rounds of {batch_size} edits need {needed} edit records, but the dataset has "
+                f"{len(requests)}. Use fewer --rounds or a smaller --batch-size, or a larger dataset."
+            )
+        self.model = model
+        self.requests = list(requests[:needed])
+        self.rounds = rounds
+        self.batch_size = batch_size
+        self.make_editor = make_editor
+        self.make_filter = make_filter
+        self.observers = list(observers)
+        probe = make_editor()
+        self.sites = probe.edited_sites(model)
+        self.original = {site: model.adapter.read(site).clone() for site in self.sites}
+
+    def batch(self, round: int) -> list[EditRequest]:
+        """The requests of round ``round`` (1-based)."""
+        start = (round - 1) * self.batch_size
+        return self.requests[start : start + self.batch_size]
+
+    def restore(self) -> None:
+        """Write the original weights back into every edited site (bit for bit)."""
+        for site, weight in self.original.items():
+            self.model.adapter.write(site, weight)
+
+    def observe(self, arm: Arm, round: int) -> RoundRecord:
+        """Call every observer and merge their records."""
+        merged = RoundRecord()
+        for observer in self.observers:
+            record = observer(arm, round, self.model)
+            merged.rows.extend(record.rows)
+            merged.tensors.update(record.tensors)
+        return merged
+
+    def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: ResumePoint | None = None) -> None:
+        """Run every arm (from ``resume`` on, if given); restores the original weights at the end."""
+        for arm_index, arm in enumerate(arms):
+            if resume is not None and arm_index < resume.arm_index:
+                continue
+            continuing = resume is not None and arm_index == resume.arm_index
+            self._run_arm(arm_index, arm, on_round, resume if continuing else None)
+        self.restore()
+
+    def _run_arm(self, arm_index: int, arm: Arm, on_round: RoundCallback, resume: ResumePoint | None) -> None:
+        editor = self.make_editor()
+        if resume is None:
+            self.restore()
+            editor.prepare(self.model, self.requests)
+            start = 0
+        else:
+            for site, weight in resume.weights.items():
+                self.model.adapter.write(site, weight)
+            editor.load_state_dict(resume.editor_state)
+            start = resume.round
+        site_filter = self.make_filter(arm)
+        if start == 0:
+            began = time.perf_counter()
+            record = self.observe(arm, 0)
+            record.rows.append(_timing(arm, 0, "seconds_observe", time.perf_counter() - began))
+            on_round(arm, arm_index, 0, record, self._state(editor))
+        for round in range(start + 1, self.rounds + 1):
+            began = time.perf_counter()
+            editor.apply_round(self.model, self.batch(round), site_filter)
+            if round == self.rounds and hasattr(editor, "finalize"):
+                editor.finalize(self.model)
+            edit_seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            record = self.observe(arm, round)
+            record.rows.append(_timing(arm, round, "seconds_edit", edit_seconds))
+            record.rows.append(_timing(arm, round, "seconds_observe", time.perf_counter() - began))
+            on_round(arm, arm_index, round, record, self._state(editor))
+
+    def _state(self, editor: Editor) -> dict[str, dict[str, torch.Tensor]]:
+        """What resuming needs: the edited sites' weights and the editor's cross-round state."""
+        weights = {site_key(site): self.model.adapter.read(site).clone() for site in self.sites}
+        return {"weights": weights, "editor": editor.state_dict()}
+
+
+def resume_point(arm_index: int, round: int, state: dict[str, dict[str, torch.Tensor]], sites: Sequence[Site]) -> ResumePoint:
+    """Rebuild a ResumePoint from checkpointed state written by ``EditLoop``."""
+    saved = state.get("weights", {})
+    missing = [str(s) for s in sites if site_key(s) not in saved]
+    if missing:
+        raise SpectraError(
+            f"The checkpoint lacks the weights of {', '.join(missing)}; it cannot be resumed. Start the run afresh."
+        )
+    return ResumePoint(arm_index, round, {s: saved[site_key(s)] for s in sites}, dict(state.get("editor", {})))
+
+
+def _timing(arm: Arm, round: int, metric: str, seconds: float) -> dict:
+    return {"arm": arm.name, "tau": arm.tau, "round": round, "metric": metric, "value": seconds}

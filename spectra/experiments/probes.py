@@ -1,0 +1,192 @@
+"""Where general ability lives in the spectrum: ``spectrum``, ``concentration`` and ``sensitivity`` (paper Sec. 2.2).
+
+Each probe changes the chosen sites, measures general ability, and restores the original weights
+bit for bit before the next change (checked, not assumed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from contextlib import contextmanager
+
+from spectra.errors import SpectraError
+from spectra.experiments.common import (
+    CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, general_ability, open_model,
+)
+from spectra.models.loading import LoadedModel
+from spectra.models.sites import Site
+from spectra.results import RunWriter, create_run
+from spectra.spectral import Spectrum, SpectrumCache, group_perturbation, spectrum_table, svd_many
+
+DEFAULT_FRACTIONS = [5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
+FFN_KINDS = ("mlp.up", "mlp.gate", "mlp.down")
+
+
+@dataclass
+class SpectrumConfig(CommonOptions):
+    """Options of ``spectra spectrum``."""
+
+    sites: str | None = None
+    taus: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    svd_dtype: str = "float32"
+
+    def validate(self) -> None:
+        for tau in self.taus:
+            if not 0.0 < tau < 1.0:
+                raise SpectraError(f"Every tau must lie in (0, 1); got {tau}.")
+        if self.svd_dtype not in ("float32", "float64"):
+            raise SpectraError(f"--svd-dtype must be float32 or float64, not {self.svd_dtype!r}.")
+
+
+@dataclass
+class ConcentrationConfig(CommonOptions):
+    """Options of ``spectra concentration`` (paper Fig. 2a)."""
+
+    sites: str | None = None
+    fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS))
+    general: GeneralOptions = field(default_factory=GeneralOptions)
+
+    def validate(self) -> None:
+        check_fraction_list(self.fractions, "Every fraction (percent of singular-value energy kept)", 0.0, 100.0)
+
+
+@dataclass
+class SensitivityConfig(CommonOptions):
+    """Options of ``spectra sensitivity`` (paper Fig. 2b and 11)."""
+
+    sites: str | None = None
+    side: str = "both"
+    eps: float = 0.1
+    eps_absolute: bool = False
+    seeds: int = 3
+    groups: int = 10
+    general: GeneralOptions = field(default_factory=GeneralOptions)
+
+    def validate(self) -> None:
+        if self.side not in ("input", "output", "both"):
+            raise SpectraError(f"--side must be input, output or both, not {self.side!r}.")
+        if not (self.eps >= 0.0 and self.eps < float("inf")):
+            raise SpectraError(f"--eps must be a finite number >= 0; got {self.eps}.")
+        if self.seeds < 1 or self.groups < 2:
+            raise SpectraError(f"--seeds must be >= 1 and the number of groups >= 2 (got {self.seeds}, {self.groups}).")
+
+    def sides(self) -> list[str]:
+        return ["input", "output"] if self.side == "both" else [self.side]
+
+
+def decompose_sites(model: LoadedModel, sites: list[Site], dtype: torch.dtype = torch.float32,
+                    progress: bool = True) -> tuple[dict[Site, torch.Tensor], dict[Site, Spectrum]]:
+    """Original weights (model dtype) and their spectra, batched and cached on disk by weight fingerprint."""
+    originals = {site: model.adapter.read(site) for site in sites}
+    cache = SpectrumCache()
+    spectra = cache.get_or_compute_many(
+        {site: {"model": model.source, "revision": model.revision, "site": str(site)} for site in sites},
+        {site: W.float() for site, W in originals.items()},
+        dtype=dtype, device=model.device, progress=progress,
+    )
+    return originals, spectra
+
+
+@contextmanager
+def restored(model: LoadedModel, originals: dict[Site, torch.Tensor]) -> Iterator[None]:
+    """Run the body, then write the original weights back and check they are bit-identical."""
+    try:
+        yield
+    finally:
+        for site, weight in originals.items():
+            model.adapter.write(site, weight)
+        for site, weight in originals.items():
+            if not torch.equal(model.adapter.read(site), weight):
+                raise SpectraError(f"Restoring {site} did not give back the original weights bit for bit.")
+
+
+def run_spectrum(config: SpectrumConfig, progress: bool = True) -> tuple[Path, list[dict]]:
+    """Per site: shape, k and k/rank per tau, spectral norm, condition number, effective rank."""
+    config.validate()
+    model = open_model(config)
+    sites = choose_sites(model, config.sites, FFN_KINDS + ("attn.q", "attn.k", "attn.v", "attn.o"))
+    _, spectra = decompose_sites(model, sites, torch.float64 if config.svd_dtype == "float64" else torch.float32, progress)
+    rows = []
+    for site in sites:
+        table = spectrum_table(spectra[site], config.taus)
+        base = {"experiment": "spectrum", "site": str(site), "kind": site.kind, "layer": site.layer}
+        for name, value in table.items():
+            tau = None
+            for candidate in config.taus:
+                suffix = f"@{candidate:g}"
+                if name.endswith(suffix):
+                    name, tau = name.removesuffix(suffix), candidate
+            rows.append({**base, "tau": tau, "metric": "k_over_rank" if name == "k_frac" else name, "value": value})
+    writer = create_run("spectrum", config, out=config.out)
+    writer.add_rows(rows)
+    return _finish(writer), rows
+
+
+def run_concentration(config: ConcentrationConfig, progress: bool = True) -> Path:
+    """Replace every chosen site by its top-n %-energy reconstruction, for each n; measure general ability."""
+    config.validate()
+    model = open_model(config)
+    sites = choose_sites(model, config.sites, FFN_KINDS)
+    ability = general_ability(model, config.general, config.seed)
+    originals, spectra = decompose_sites(model, sites, progress=progress)
+    writer = create_run("concentration", config, out=config.out)
+    baseline = ability(model.model, model.tokenizer)
+    writer.add_rows(ability_rows(baseline, experiment="concentration", fraction=None, baseline=True))
+    for fraction in _progress(sorted(config.fractions), "concentration", progress):
+        with restored(model, originals):
+            for site in sites:
+                model.adapter.write(site, spectra[site].reconstruct_top_energy(fraction / 100.0))
+            scores = ability(model.model, model.tokenizer)
+        writer.add_rows(ability_rows(scores, experiment="concentration", fraction=fraction, baseline=False))
+    return _finish(writer)
+
+
+def run_sensitivity(config: SensitivityConfig, progress: bool = True) -> Path:
+    """Perturb one energy group of every chosen site at a time (input or output side), over seeds; measure."""
+    config.validate()
+    model = open_model(config)
+    sites = choose_sites(model, config.sites, FFN_KINDS)
+    ability = general_ability(model, config.general, config.seed)
+    originals, spectra = decompose_sites(model, sites, progress=progress)
+    writer = create_run("sensitivity", config, out=config.out)
+    baseline = ability(model.model, model.tokenizer)
+    writer.add_rows(ability_rows(baseline, experiment="sensitivity", side=None, group=-1, seed=None, baseline=True))
+    groups = {site: spectra[site].groups(config.groups) for site in sites}
+    jobs = [(side, group, seed) for side in config.sides() for group in range(config.groups) for seed in range(config.seeds)]
+    for side, group, seed in _progress(jobs, "sensitivity", progress):
+        generator = torch.Generator(device=spectra[sites[0]].U.device).manual_seed(config.seed * 10_007 + seed)
+        touched = False
+        with restored(model, originals):
+            for site in sites:
+                if groups[site][group].numel() == 0:
+                    continue
+                eps = config.eps if config.eps_absolute else config.eps * spectra[site].fro_norm
+                delta = group_perturbation(spectra[site], groups[site][group], side, eps, generator)
+                model.adapter.write(site, originals[site].float() + delta.to(originals[site].device))
+                touched = True
+            scores = ability(model.model, model.tokenizer) if touched else None
+        if scores is not None:
+            writer.add_rows(ability_rows(scores, experiment="sensitivity", side=side, group=group, seed=seed,
+                                         eps=config.eps, baseline=False))
+    return _finish(writer)
+
+
+def _progress(items: list, label: str, enabled: bool) -> Iterator:
+    """Iterate with a rich progress bar (long probes on real models take minutes)."""
+    from rich.progress import track
+
+    return iter(track(items, description=label, disable=not enabled))
+
+
+def _finish(writer: RunWriter) -> Path:
+    from spectra.plots import plot_run
+
+    path = writer.finalize()
+    plot_run(path)
+    return path
+
+

@@ -1,0 +1,145 @@
+"""End-to-end: every command through typer's runner on a few-step tiny-world model, plus resume and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from spectra.models.tiny import WORLD_FILES, TinyTrainConfig, build_and_save
+from spectra.results import load_run
+from spectra_cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-world model trained for a few steps (the real training takes ~20 min; see README)."""
+    directory = tmp_path_factory.mktemp("world-model")
+    config = TinyTrainConfig(steps=3, hidden_size=32, intermediate_size=64, layers=4, heads=2, batch_size=8)
+    report = build_and_save(config, directory, progress=False)
+    assert report["train_seconds"] > 0 and (directory / "model.safetensors").is_file()
+    small_corpus = (directory / WORLD_FILES["corpus"]).read_text().splitlines()[:300]
+    (directory / "small_corpus.txt").write_text("\n".join(small_corpus) + "\n")
+    return directory
+
+
+def invoke(*args: str) -> object:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def run_dir_of(output: str) -> Path:
+    line = next(line for line in output.splitlines() if line.startswith("run directory:"))
+    return Path(line.split(":", 1)[1].strip())
+
+
+def test_models_and_help_list_every_command():
+    result = invoke("--help")
+    for command in ("models", "spectrum", "concentration", "sensitivity", "drift", "plot", "data", "train-tiny"):
+        assert command in result.output
+    assert "default" in invoke("drift", "--help").output.lower()
+    assert "tiny" in invoke("models").output
+
+
+def test_spectrum_writes_rows_for_every_site(world_model, tmp_path):
+    out = tmp_path / "spectrum"
+    invoke("spectrum", "--model", str(world_model), "--sites", "mlp.down,mlp.up@0", "--out", str(out))
+    rows = load_run(out).rows
+    assert set(rows["site"]) == {"mlp.down@0", "mlp.down@1", "mlp.down@2", "mlp.down@3", "mlp.up@0"}
+    k = rows[(rows["metric"] == "k_over_rank") & (rows["tau"] == 0.1)]
+    assert ((k["value"] > 0) & (k["value"] <= 1)).all()
+
+
+def test_concentration_restores_weights_and_draws_its_figure(world_model, tmp_path):
+    out = tmp_path / "concentration"
+    invoke("concentration", "--model", str(world_model), "--fractions", "10,100", "--items-per-task", "8",
+           "--out", str(out))
+    run = load_run(out)
+    assert set(run.rows["fraction"].dropna()) == {10.0, 100.0}
+    assert (run.path / "figures" / "concentration.png").is_file()
+
+
+def test_sensitivity_covers_every_group_and_side(world_model, tmp_path):
+    out = tmp_path / "sensitivity"
+    invoke("sensitivity", "--model", str(world_model), "--sites", "mlp.down@1", "--seeds", "1",
+           "--items-per-task", "8", "--out", str(out))
+    rows = load_run(out).rows
+    perturbed = rows[rows["group"] >= 0]
+    assert set(perturbed["side"]) == {"input", "output"}
+    assert perturbed["group"].nunique() >= 5
+
+
+def test_bad_options_fail_before_any_work_with_one_paragraph(world_model, tmp_path):
+    cases = [
+        (["concentration", "--fractions", "0,50"], "fraction"),
+        (["sensitivity", "--eps", "-1"], "eps"),
+        (["drift", "--tau", "1.5"], "tau"),
+        (["drift", "--editor", "rome2"], "Unknown editor"),
+        (["spectrum", "--sites", "mlp.down@99"], "out of range"),
+        (["spectrum", "--model", "no-such/model"], "not in the local"),
+    ]
+    for args, needle in cases:
+        result = runner.invoke(app, [*args, "--model", str(world_model)] if "--model" not in args else args)
+        assert result.exit_code == 2, (args, result.output)
+        assert needle in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def _drift_args(world_model: Path, out: Path) -> list[str]:
+    return ["drift", "--model", str(world_model), "--rounds", "3", "--batch-size", "3", "--eval-records", "6",
+            "--items-per-task", "6", "--represent-prompts", "12", "--stats-corpus", str(world_model / "small_corpus.txt"),
+            "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_drift_resumed_after_an_interrupted_round_gives_the_same_rows(world_model, tmp_path, monkeypatch):
+    """Kill a drift run after round 2 of the first arm, resume it, compare with an uninterrupted run."""
+    from spectra.editing import loop as loop_module
+
+    whole = tmp_path / "whole"
+    invoke(*_drift_args(world_model, whole))
+
+    interrupted = tmp_path / "interrupted"
+    original_observe = loop_module.EditLoop.observe
+    calls = {"n": 0}
+
+    def crash_after_round_two(self, arm, round):
+        if arm.name == "revive" and round == 2:
+            raise KeyboardInterrupt("simulated crash")
+        calls["n"] += 1
+        return original_observe(self, arm, round)
+
+    monkeypatch.setattr(loop_module.EditLoop, "observe", crash_after_round_two)
+    result = runner.invoke(app, _drift_args(world_model, interrupted))
+    assert result.exit_code != 0 and not interrupted.exists()
+    assert Path(f"{interrupted}.partial").is_dir()
+    monkeypatch.setattr(loop_module.EditLoop, "observe", original_observe)
+    invoke(*_drift_args(world_model, interrupted), "--resume", str(interrupted))
+
+    def comparable(path: Path) -> pd.DataFrame:
+        rows = load_run(path).rows
+        rows = rows[~rows["metric"].isin(["seconds_edit", "seconds_observe"])]
+        return rows.sort_values([c for c in ("arm", "round", "site", "side", "task", "metric") if c in rows]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(comparable(whole), comparable(interrupted), check_exact=False, rtol=1e-5, atol=1e-6)
+    run = load_run(interrupted)
+    assert {"off", "revive"} == set(run.rows["arm"])
+    assert any(key.startswith("ss/right/revive/") for key in run.tensors)
+    figures = {p.name for p in (run.path / "figures").iterdir()}
+    assert {"ls_by_round.png", "edit_metrics_by_round.png"} <= figures
+    protected = run.rows[(run.rows["metric"] == "SS_protected_diag_min") & (run.rows["arm"] == "revive")]
+    assert protected["value"].min() > 0.999
+
+
+def test_plot_redraws_a_run_without_the_model(world_model, tmp_path):
+    out = tmp_path / "spectrum-for-plot"
+    invoke("spectrum", "--model", str(world_model), "--sites", "mlp.down", "--out", str(out))
+    for png in (out / "figures").glob("*"):
+        png.unlink()
+    result = invoke("plot", str(out))
+    assert ".png" in result.output
