@@ -112,6 +112,7 @@ class KeyCache:
             self.get(layer, K.shape[0], K.device).add_(K @ K.T)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sums as ``key_cache.<layer>`` tensors (CPU)."""
         return {f"key_cache.{layer}": value.cpu() for layer, value in self.sums.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -243,6 +244,7 @@ class LocateEditEditor(ABC):
         )
 
     def _load_covariances(self, model: LoadedModel, compute: bool) -> None:
+        """Fetch C for every edited layer not yet held (computing it only if ``compute``)."""
         missing = [layer for layer in self.hparams.layers if layer not in self._covariances]
         if not missing:
             return
@@ -253,6 +255,7 @@ class LocateEditEditor(ABC):
         self._covariances.update(self.statistics.second_moments(model, missing, self.fingerprint, compute=compute))
 
     def _ready(self, model: LoadedModel) -> None:
+        """Refuse to edit before ``prepare``/``load_state_dict``, or a model too shallow for the layers."""
         if self.templates is None:
             raise SpectraError(f"{self.name}: call prepare(model, requests) (or load_state_dict) before apply_round.")
         self.edited_sites(model)
@@ -304,6 +307,7 @@ class LocateEditEditor(ABC):
         return written
 
     def _method_state(self) -> dict[str, torch.Tensor]:
+        """Method-specific cross-round state for ``state_dict``; nothing by default."""
         return {}
 
     def _load_method_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -203,6 +203,7 @@ class _ZRows:
 
 
 def _z_rows(model: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], key_position: str) -> _ZRows:
+    """Per request: every template filled with the prompt plus the target minus its last token, then the KL prompt."""
     rows = _ZRows([], [], [], [], [], [], [])
     for owner, request in enumerate(requests):
         check_request(request)

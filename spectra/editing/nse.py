@@ -76,6 +76,7 @@ class NseEditor(LocateEditEditor):
         return (self._targets_of(requests, hidden.device) - hidden).norm(dim=0)
 
     def _edit(self, model: LoadedModel, requests: list[EditRequest], rows: PromptRows, filter: SiteFilter) -> dict[Site, Delta]:
+        """Up to max_iterations - 1 sweeps over the requests whose residual norm is in (alpha, upper_bound)."""
         z = self._targets_of(requests, model.device)
         h = self.hparams
         written: dict[Site, Delta] = {}
@@ -91,6 +92,7 @@ class NseEditor(LocateEditEditor):
         return written
 
     def _solve(self, model: LoadedModel, site: Site, keys: torch.Tensor, residual: torch.Tensor, filter: SiteFilter) -> Delta:
+        """MEMIT_seq's solve on the selected neurons; the right factor is zero on every other key neuron."""
         neurons = select_neurons(keys, self.hparams.neuron_threshold)
         covariance = self.covariance(model, site.layer)[neurons][:, neurons]
         cache = self.key_cache.get(site.layer, keys.shape[0], keys.device)[neurons][:, neurons]
@@ -106,6 +108,7 @@ class NseEditor(LocateEditEditor):
         return written
 
     def _targets_of(self, requests: Sequence[EditRequest], device: torch.device) -> torch.Tensor:
+        """The prepared z of each request as columns (d, n); an unprepared request is an error."""
         missing = [r.case_id for r in requests if r.case_id not in self.targets]
         if missing:
             raise SpectraError(

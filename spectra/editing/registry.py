@@ -33,6 +33,7 @@ class EditorRegistry:
         self._targets[name] = target
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._targets)
 
     def resolve(self, name: str) -> type[LocateEditEditor]:

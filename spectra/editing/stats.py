@@ -87,6 +87,7 @@ class StatsKey:
     version: int = STATS_VERSION
 
     def digest(self) -> str:
+        """A short hash of every field (the file name part that tells entries apart)."""
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -112,6 +113,7 @@ class StatsCache:
         return load_file(str(tensor_path))["mom2"]
 
     def save(self, key: StatsKey, mom2: torch.Tensor, n_tokens: int) -> None:
+        """Write the mean C and its manifest (key, token count, shape, time)."""
         tensor_path, manifest_path = self._paths(key)
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"mom2": mom2.contiguous().cpu()}, str(tensor_path))
