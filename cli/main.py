@@ -60,7 +60,7 @@ def train_tiny(
     seed: int = typer.Option(0, help="Seed of initialisation and data order."),
 ) -> None:
     """Regenerate the tiny world and retrain the embedded model (about 20-30 min on 2 CPU cores)."""
-    from spectra.models.loading import tiny_model_dir
+    from spectra.assets import tiny_model_dir
     from spectra.models.tiny import TinyTrainConfig, build_and_save
 
     target = out or tiny_model_dir()

@@ -7,6 +7,12 @@ import torch
 import transformers
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread: the suite's models are tiny, and on a 2-core machine shared with other work
+    OpenMP threads waiting on each other made small tests 10-50x slower than single-threaded."""
+    torch.set_num_threads(1)
+
+
 def _tiny_configs() -> dict[str, tuple[type, object]]:
     return {
         "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(

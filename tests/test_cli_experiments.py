@@ -131,9 +131,11 @@ def test_drift_resumed_after_an_interrupted_round_gives_the_same_rows(world_mode
     assert {"off", "revive"} == set(run.rows["arm"])
     assert any(key.startswith("ss/right/revive/") for key in run.tensors)
     figures = {p.name for p in (run.path / "figures").iterdir()}
-    assert {"ls_by_round.png", "edit_metrics_by_round.png"} <= figures
-    protected = run.rows[(run.rows["metric"] == "SS_protected_diag_min") & (run.rows["arm"] == "revive")]
-    assert protected["value"].min() > 0.999
+    assert {"ls.png", "edit_metrics.png", "norm_growth.png"} <= figures
+    residual = run.rows[(run.rows["metric"] == "protected_triplet_residual") & (run.rows["arm"] == "revive")]
+    assert len(residual) and residual["value"].max() < 1e-4, "REVIVE must keep W0's protected singular triplets"
+    unfiltered = run.rows[(run.rows["metric"] == "protected_triplet_residual") & (run.rows["arm"] == "off")]
+    assert unfiltered["value"].max() > residual["value"].max()
 
 
 def test_plot_redraws_a_run_without_the_model(world_model, tmp_path):

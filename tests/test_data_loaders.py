@@ -150,7 +150,7 @@ def test_resolve_dataset_by_name_path_and_tiny(tmp_path: Path, monkeypatch: pyte
     tiny.mkdir()
     _write(tiny / "counterfact.json", cf)
     _write(tiny / "zsre.json", json.loads((FIXTURES / "zsre_small.json").read_text()))
-    monkeypatch.setattr("spectra.models.loading.tiny_model_dir", lambda: tiny)
+    monkeypatch.setattr("spectra.assets.tiny_model_dir", lambda: tiny)
     assert datasets.resolve_dataset("auto", "tiny")[0] == "counterfact"
     assert datasets.resolve_dataset("tiny-zsre", "tiny")[0] == "zsre"
 
@@ -158,7 +158,7 @@ def test_resolve_dataset_by_name_path_and_tiny(tmp_path: Path, monkeypatch: pyte
 def test_local_data_lists_exact_names_and_presence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPECTRA_DATA", str(tmp_path))
     (tmp_path / "zsre_mend_eval.json").write_text("[]")
-    monkeypatch.setattr("spectra.models.loading.tiny_model_dir", lambda: tmp_path / "tiny")
+    monkeypatch.setattr("spectra.assets.tiny_model_dir", lambda: tmp_path / "tiny")
     status = {s.file.name: s for s in datasets.local_data()}
     assert status["zsre"].present and not status["mcf"].present and not status["tiny"].present
     assert status["cf"].path == tmp_path / "counterfact.json"

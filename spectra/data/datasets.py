@@ -9,6 +9,7 @@ from typing import Literal
 
 from spectra.data.counterfact import COUNTERFACT_HOST, read_json, records_list, validate_counterfact
 from spectra.data.zsre import ZsreTarget, convert_zsre
+from spectra import assets
 from spectra.errors import SpectraError
 
 DatasetKind = Literal["counterfact", "zsre"]
@@ -52,10 +53,8 @@ def data_dir() -> Path:
 
 
 def _tiny_file(filename: str) -> Path:
-    """A file of the embedded tiny world (imported late: data sits below models in the layering)."""
-    from spectra.models.loading import tiny_model_dir
-
-    return tiny_model_dir() / filename
+    """A file of the embedded tiny world."""
+    return assets.tiny_model_dir() / filename
 
 
 @dataclass(frozen=True)

@@ -120,10 +120,26 @@ class SpectralDrift:
                 record.rows.append({**context, "side": side, "metric": "SS_protected_diag_min", "value": float(diag.min())})
                 if keep_matrices:
                     record.tensors[ss_key(side, arm.name, round, str(site))] = matrix[:k].float()
+            record.rows.append({**context, "metric": "protected_triplet_residual",
+                                "value": triplet_residual(s0, Wt, protected)})
             stats = drift_stats(self.originals[site], Wt, spectrum0=s0, spectrum_t=st)
             for name in ("fro_ratio", "delta_fro", "delta_fro_rel", "spectral_norm_t", "condition_number_t", "effective_rank_t"):
                 record.rows.append({**context, "metric": name.removesuffix("_t"), "value": stats[name]})
         return record
+
+
+def triplet_residual(s0: Spectrum, Wt: torch.Tensor, k: int) -> float:
+    """max_{i<=k} max(||Wt v_i - s_i u_i||, ||Wt^T u_i - s_i v_i||) / s_i over W0's top-k triplets.
+
+    Zero exactly when every protected original triplet is still a singular triplet of Wt (what
+    REVIVE guarantees); unlike the SS diagonal it does not depend on the triplets keeping their
+    rank order, which small safe updates can change when the spectrum has no gap at k.
+    """
+    U, S, V = s0.U[:, :k].double(), s0.S[:k].double(), s0.V[:, :k].double()
+    W = Wt.double()
+    right = torch.linalg.vector_norm(W @ V - U * S, dim=0)
+    left = torch.linalg.vector_norm(W.T @ U - V * S, dim=0)
+    return float((torch.maximum(right, left) / S).max())
 
 
 class EditMetrics:

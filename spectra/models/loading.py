@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from spectra.assets import tiny_model_dir
 from spectra.errors import SpectraError
 from spectra.models.adapters import Adapter, adapter_for
 
@@ -44,11 +44,6 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-
-def tiny_model_dir() -> Path:
-    """Directory of the embedded tiny-world model (weights, tokenizer, world files)."""
-    return Path(str(resources.files("spectra") / "assets" / "tiny"))
 
 
 def resolve_device(device: str) -> torch.device:
