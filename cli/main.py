@@ -56,7 +56,7 @@ def models() -> None:
 def train_tiny(
     out: Path = typer.Option(None, help="Directory to write the model and world files into "
                              "[default: the package's embedded assets/tiny]."),
-    steps: int = typer.Option(3500, help="Optimizer steps (batch 64)."),
+    steps: int = typer.Option(2200, help="Optimizer steps (batch 64)."),
     seed: int = typer.Option(0, help="Seed of initialisation and data order."),
 ) -> None:
     """Regenerate the tiny world and retrain the embedded model (about 20-30 min on 2 CPU cores)."""

@@ -14,6 +14,7 @@ import torch
 from contextlib import contextmanager
 
 from spectra.errors import SpectraError
+from spectra.evaluation.general import GeneralAbility
 from spectra.experiments.common import (
     CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, general_ability, open_model,
 )
@@ -126,35 +127,52 @@ def run_spectrum(config: SpectrumConfig, progress: bool = True) -> tuple[Path, l
     return _finish(writer), rows
 
 
+@dataclass
+class _Probe:
+    """What both probes set up: the model, its sites with originals and spectra, the ability probe, the run."""
+
+    model: LoadedModel
+    sites: list[Site]
+    originals: dict[Site, torch.Tensor]
+    spectra: dict[Site, Spectrum]
+    ability: GeneralAbility
+    writer: RunWriter
+
+    @classmethod
+    def open(cls, command: str, config: ConcentrationConfig | SensitivityConfig, progress: bool,
+             **baseline_context: object) -> "_Probe":
+        """Validate, load, decompose, start the run and record the unchanged model's scores as baseline rows."""
+        config.validate()
+        model = open_model(config)
+        sites = choose_sites(model, config.sites, FFN_KINDS)
+        ability = general_ability(model, config.general, config.seed)
+        originals, spectra = decompose_sites(model, sites, progress=progress)
+        writer = create_run(command, config, out=config.out)
+        baseline = ability(model.model, model.tokenizer)
+        writer.add_rows(ability_rows(baseline, experiment=command, baseline=True, **baseline_context))
+        return cls(model, sites, originals, spectra, ability, writer)
+
+    def measure(self) -> dict[str, dict[str, float]]:
+        return self.ability(self.model.model, self.model.tokenizer)
+
+
 def run_concentration(config: ConcentrationConfig, progress: bool = True) -> Path:
     """Replace every chosen site by its top-n %-energy reconstruction, for each n; measure general ability."""
-    config.validate()
-    model = open_model(config)
-    sites = choose_sites(model, config.sites, FFN_KINDS)
-    ability = general_ability(model, config.general, config.seed)
-    originals, spectra = decompose_sites(model, sites, progress=progress)
-    writer = create_run("concentration", config, out=config.out)
-    baseline = ability(model.model, model.tokenizer)
-    writer.add_rows(ability_rows(baseline, experiment="concentration", fraction=None, baseline=True))
+    probe = _Probe.open("concentration", config, progress, fraction=None)
+    model, sites, spectra, writer = probe.model, probe.sites, probe.spectra, probe.writer
     for fraction in _progress(sorted(config.fractions), "concentration", progress):
-        with restored(model, originals):
+        with restored(model, probe.originals):
             for site in sites:
                 model.adapter.write(site, spectra[site].reconstruct_top_energy(fraction / 100.0))
-            scores = ability(model.model, model.tokenizer)
+            scores = probe.measure()
         writer.add_rows(ability_rows(scores, experiment="concentration", fraction=fraction, baseline=False))
     return _finish(writer)
 
 
 def run_sensitivity(config: SensitivityConfig, progress: bool = True) -> Path:
     """Perturb one energy group of every chosen site at a time (input or output side), over seeds; measure."""
-    config.validate()
-    model = open_model(config)
-    sites = choose_sites(model, config.sites, FFN_KINDS)
-    ability = general_ability(model, config.general, config.seed)
-    originals, spectra = decompose_sites(model, sites, progress=progress)
-    writer = create_run("sensitivity", config, out=config.out)
-    baseline = ability(model.model, model.tokenizer)
-    writer.add_rows(ability_rows(baseline, experiment="sensitivity", side=None, group=-1, seed=None, baseline=True))
+    probe = _Probe.open("sensitivity", config, progress, side=None, group=-1, seed=None)
+    model, sites, originals, spectra, writer = probe.model, probe.sites, probe.originals, probe.spectra, probe.writer
     groups = {site: spectra[site].groups(config.groups) for site in sites}
     jobs = [(side, group, seed) for side in config.sides() for group in range(config.groups) for seed in range(config.seeds)]
     for side, group, seed in _progress(jobs, "sensitivity", progress):
@@ -168,7 +186,7 @@ def run_sensitivity(config: SensitivityConfig, progress: bool = True) -> Path:
                 delta = group_perturbation(spectra[site], groups[site][group], side, eps, generator)
                 model.adapter.write(site, originals[site].float() + delta.to(originals[site].device))
                 touched = True
-            scores = ability(model.model, model.tokenizer) if touched else None
+            scores = probe.measure() if touched else None
         if scores is not None:
             writer.add_rows(ability_rows(scores, experiment="sensitivity", side=side, group=group, seed=seed,
                                          eps=config.eps, baseline=False))

@@ -142,28 +142,38 @@ class Adapter:
         return site
 
 
-class LlamaAdapter(Adapter):
+class _NamedPathsAdapter(Adapter):
+    """Families whose sites are plain ``block.<parent>.<child>`` nn.Linear modules, named in ``paths``."""
+
+    base_attribute: ClassVar[str] = ""
+    blocks_attribute: ClassVar[str] = ""
+    norm_attribute: ClassVar[str] = ""
+    paths: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    def _base(self) -> nn.Module:
+        return getattr(self.model, self.base_attribute, self.model)
+
+    def blocks(self) -> nn.ModuleList:
+        return getattr(self._base(), self.blocks_attribute)
+
+    def final_norm(self) -> nn.Module:
+        return getattr(self._base(), self.norm_attribute)
+
+    def _ref(self, site: Site) -> MatrixRef:
+        parent, child = self.paths[site.kind]
+        return MatrixRef(getattr(getattr(self.blocks()[site.layer], parent), child), transposed=False)
+
+
+class LlamaAdapter(_NamedPathsAdapter):
     """Llama, Mistral, Qwen2: gate/up/down FFN and separate q/k/v/o projections, all nn.Linear."""
 
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlamaModel")
-    _paths = {
+    base_attribute, blocks_attribute, norm_attribute = "model", "layers", "norm"
+    paths = {
         "mlp.up": ("mlp", "up_proj"), "mlp.gate": ("mlp", "gate_proj"), "mlp.down": ("mlp", "down_proj"),
         "attn.q": ("self_attn", "q_proj"), "attn.k": ("self_attn", "k_proj"),
         "attn.v": ("self_attn", "v_proj"), "attn.o": ("self_attn", "o_proj"),
     }
-
-    def _base(self) -> nn.Module:
-        return getattr(self.model, "model", self.model)
-
-    def blocks(self) -> nn.ModuleList:
-        return self._base().layers
-
-    def final_norm(self) -> nn.Module:
-        return self._base().norm
-
-    def _ref(self, site: Site) -> MatrixRef:
-        parent, child = self._paths[site.kind]
-        return MatrixRef(getattr(getattr(self.blocks()[site.layer], parent), child), transposed=False)
 
 
 class GPT2Adapter(Adapter):
@@ -194,29 +204,17 @@ class GPT2Adapter(Adapter):
         return MatrixRef(block.attn.c_attn, transposed=True, out_slice=slice(index * width, (index + 1) * width))
 
 
-class GPTJAdapter(Adapter):
+class GPTJAdapter(_NamedPathsAdapter):
     """GPT-J: fc_in/fc_out FFN (nn.Linear) and q/k/v/out projections; attention and MLP in parallel."""
 
     architectures = ("GPTJForCausalLM", "GPTJModel")
     kinds = ("mlp.up", "mlp.down", "attn.q", "attn.k", "attn.v", "attn.o")
-    _paths = {
+    base_attribute, blocks_attribute, norm_attribute = "transformer", "h", "ln_f"
+    paths = {
         "mlp.up": ("mlp", "fc_in"), "mlp.down": ("mlp", "fc_out"),
         "attn.q": ("attn", "q_proj"), "attn.k": ("attn", "k_proj"),
         "attn.v": ("attn", "v_proj"), "attn.o": ("attn", "out_proj"),
     }
-
-    def _base(self) -> nn.Module:
-        return getattr(self.model, "transformer", self.model)
-
-    def blocks(self) -> nn.ModuleList:
-        return self._base().h
-
-    def final_norm(self) -> nn.Module:
-        return self._base().ln_f
-
-    def _ref(self, site: Site) -> MatrixRef:
-        parent, child = self._paths[site.kind]
-        return MatrixRef(getattr(getattr(self.blocks()[site.layer], parent), child), transposed=False)
 
 
 class BertAdapter(Adapter):

@@ -44,12 +44,12 @@ class TinyTrainConfig:
     layers: int = 6
     heads: int = 4
     max_positions: int = 128
-    steps: int = 3500
+    steps: int = 2200
     batch_size: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    threads: int = 2
+    threads: int = 1
 
 
 def build_tokenizer(corpus: list[str]) -> object:
@@ -120,6 +120,9 @@ def train(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress
     from rich.progress import Progress
 
     torch.set_num_threads(config.threads)
+    # Denormal floats (tiny gradients and Adam moments late in training) slow CPU kernels by
+    # orders of magnitude; flushing them to zero changes nothing measurable in the result.
+    torch.set_flush_denormal(True)
     model = build_model(config, tokenizer)
     model.train()
     sequences = _encode_corpus(tokenizer, world.corpus)
@@ -132,6 +135,7 @@ def train(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress
     )
     order: list[int] = []
     log: list[dict] = []
+    started = time.time()
     pad = tokenizer.pad_token_id
     with Progress(disable=not progress) as bar:
         task = bar.add_task("training the tiny model", total=config.steps)
@@ -157,7 +161,7 @@ def train(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step % 50 == 0 or step == config.steps - 1:
-                log.append({"step": step, "loss": float(loss.detach())})
+                log.append({"step": step, "loss": float(loss.detach()), "seconds": round(time.time() - started, 1)})
                 bar.update(task, description=f"training the tiny model (loss {float(loss.detach()):.3f})")
             bar.advance(task)
     model.eval()
