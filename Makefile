@@ -15,9 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# The main job: a REVIVE on/off MEMIT drift run on the embedded tiny model, with its figures.
+# The main job: a short REVIVE on/off MEMIT drift run on the embedded tiny model, with its figures.
 demo: setup
-	$(SPECTRA) drift --model tiny --editor memit --rounds 20 --batch-size 100 --revive both --tau 0.1
+	$(SPECTRA) drift --model tiny --editor memit --rounds 4 --batch-size 10 --revive both --tau 0.1 \
+		--eval-records 40 --items-per-task 50 --represent-prompts 50
 
 test: setup
 	$(PY) -m pytest -q
