@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from spectra.errors import SpectraError
+
+if TYPE_CHECKING:
+    from spectra.experiments.common import GeneralOptions
 
 app = typer.Typer(
     help="Spectral diagnosis of sequential knowledge editing, with REVIVE built in. "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -44,3 +46,17 @@ def make_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(params=FAMILIES)
 def tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-world model trained for a few steps (the real training takes ~30 min; see README),
+    with ``small_corpus.txt``: 300 corpus lines that keep the key-statistics pass short."""
+    from spectra.models.tiny import WORLD_FILES, TinyTrainConfig, build_and_save
+
+    directory = tmp_path_factory.mktemp("world-model")
+    config = TinyTrainConfig(steps=3, hidden_size=32, intermediate_size=64, layers=4, heads=2, batch_size=8)
+    build_and_save(config, directory, progress=False)
+    corpus = (directory / WORLD_FILES["corpus"]).read_text().splitlines()[:300]
+    (directory / "small_corpus.txt").write_text("\n".join(corpus) + "\n")
+    return directory

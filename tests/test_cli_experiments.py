@@ -8,23 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from spectra.models.tiny import WORLD_FILES, TinyTrainConfig, build_and_save
 from spectra.results import load_run
 from spectra_cli.main import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-world model trained for a few steps (the real training takes ~20 min; see README)."""
-    directory = tmp_path_factory.mktemp("world-model")
-    config = TinyTrainConfig(steps=3, hidden_size=32, intermediate_size=64, layers=4, heads=2, batch_size=8)
-    report = build_and_save(config, directory, progress=False)
-    assert report["train_seconds"] > 0 and (directory / "model.safetensors").is_file()
-    small_corpus = (directory / WORLD_FILES["corpus"]).read_text().splitlines()[:300]
-    (directory / "small_corpus.txt").write_text("\n".join(small_corpus) + "\n")
-    return directory
 
 
 def invoke(*args: str) -> object:

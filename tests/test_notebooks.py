@@ -14,7 +14,6 @@ from nbclient import NotebookClient
 
 from spectra.experiments.common import GeneralOptions
 from spectra.experiments.probes import ConcentrationConfig, run_concentration
-from spectra.models.tiny import WORLD_FILES, TinyTrainConfig, build_and_save
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT = 300
@@ -30,17 +29,6 @@ SMALL = {
 #: Environment variables the notebooks read; cleared so that a user's settings never leak into a test.
 NOTEBOOK_VARIABLES = ("SPECTRA_RUN", "SPECTRA_SWEEP_RUN", "SPECTRA_CONCENTRATION_RUN", "SPECTRA_SENSITIVITY_RUN",
                       "SPECTRA_MODEL", "SPECTRA_STATS_CORPUS")
-
-
-@pytest.fixture(scope="module")
-def world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-world model trained for a few steps, with a 300-line corpus for the key statistics."""
-    directory = tmp_path_factory.mktemp("world-model")
-    build_and_save(TinyTrainConfig(steps=3, hidden_size=32, intermediate_size=64, layers=4, heads=2, batch_size=8),
-                   directory, progress=False)
-    corpus = (directory / WORLD_FILES["corpus"]).read_text().splitlines()[:300]
-    (directory / "small_corpus.txt").write_text("\n".join(corpus) + "\n")
-    return directory
 
 
 @pytest.fixture

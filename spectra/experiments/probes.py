@@ -21,7 +21,7 @@ from spectra.experiments.common import (
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
 from spectra.results import RunWriter, create_run
-from spectra.spectral import Spectrum, SpectrumCache, group_perturbation, spectrum_table, svd_many
+from spectra.spectral import Spectrum, SpectrumCache, group_perturbation, spectrum_table
 
 DEFAULT_FRACTIONS = [5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
 FFN_KINDS = ("mlp.up", "mlp.gate", "mlp.down")
