@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,15 +93,8 @@ def ability_rows(scores: dict[str, dict[str, float]], **context: object) -> list
     return rows
 
 
-def check_fraction_list(values: list[float], name: str, low: float, high: float, include_low: bool = False) -> None:
-    """Every value inside (low, high] (or [low, high]); a clear error before any work otherwise."""
+def check_fraction_list(values: list[float], name: str, low: float, high: float) -> None:
+    """Every value inside (low, high]; a clear error before any work otherwise."""
     for value in values:
-        above = value >= low if include_low else value > low
-        if not (above and value <= high):
-            bracket = "[" if include_low else "("
-            raise SpectraError(f"{name} must lie in {bracket}{low}, {high}]; got {value}. Fix the option and run again.")
-
-
-def seeded_rng(seed: int) -> random.Random:
-    """A private Python RNG (never the global one)."""
-    return random.Random(seed)
+        if not low < value <= high:
+            raise SpectraError(f"{name} must lie in ({low}, {high}]; got {value}. Fix the option and run again.")
