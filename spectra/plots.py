@@ -271,7 +271,10 @@ def tau_sweep(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: i
     if not panels:
         raise NoData(_missing("the tau sweep", tuple(wanted), ("tau",), rows))
     swept_all = data.dropna(subset=["tau"])
-    hue = "arm" if "arm" in swept_all.columns and swept_all["arm"].notna().any() else None
+    # Colour by arm only when an arm spans several taus (several editors swept, say); a drift sweep
+    # has one arm per tau ("revive@0.1", ...), which must form one line, not one dot per arm.
+    spans = "arm" in swept_all.columns and swept_all.groupby("arm")["tau"].nunique().gt(1).any()
+    hue = "arm" if spans else None
     arms = _ordered(swept_all[hue].dropna().unique(), ()) if hue else [None]
     palette = sns.color_palette("colorblind")
     off_color = palette[3]
@@ -283,7 +286,7 @@ def tau_sweep(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: i
             off = part[part["tau"].isna()]
             if len(off):
                 ax.axhline(off["value"].mean(), color=off_color, ls="--", lw=1.2, label="off")
-            ax.set(xlabel="tau (energy threshold)", title=label)
+            ax.set(xlabel="tau (energy threshold)", ylabel=label, title=label)
         axes[0].legend(fontsize="small")
         fig.suptitle("Sensitivity to the protection threshold tau")
     return fig

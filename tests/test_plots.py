@@ -133,6 +133,14 @@ def test_tau_sweep_uses_final_round_and_off_line() -> None:
     assert list(swept.get_xdata()) == [0.5, 0.7, 0.9] and off.get_ydata()[0] == 20.0
 
 
+def test_tau_sweep_of_a_drift_run_joins_one_arm_per_tau_into_one_line() -> None:
+    """``spectra drift --tau a,b,c`` names its arms revive@a, revive@b, ...: one line through all taus."""
+    rows = tau_rows()
+    rows.loc[rows["arm"] == "revive", "arm"] = rows["tau"].map(lambda t: f"revive@{t}")
+    swept, off = plots.tau_sweep(rows).axes[0].get_lines()
+    assert list(swept.get_xdata()) == [0.5, 0.7, 0.9] and off.get_ydata()[0] == 20.0
+
+
 def test_tsne_scatter_links_pairs(tmp_path: Path) -> None:
     """One panel per arm with pre and post points and one link per prompt."""
     fig = plots.tsne_scatter(tsne_rows())
