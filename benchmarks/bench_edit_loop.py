@@ -59,7 +59,8 @@ ONCE_PHASES = (
     ("spectra.editing.base", "generate_templates", "templates"),
     ("spectra.editing.stats:KeyStatistics", "second_moments", "key_statistics"),
 )
-ARMS = {"off": "off", "on": "on"}
+#: The arms, named as `spectra drift --revive` names them.
+ARMS = ("off", "on")
 
 
 class PhaseClock:
@@ -158,7 +159,7 @@ def run_arm(
         torch.cuda.reset_peak_memory_stats(device)
 
     config = DriftConfig(
-        model=model, device=str(device), rounds=rounds, batch_size=batch_size, revive=ARMS[arm], tau=[tau],
+        model=model, device=str(device), rounds=rounds, batch_size=batch_size, revive=arm, tau=[tau],
         out=workdir / "run",
     )
     start = time.perf_counter()
@@ -249,7 +250,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="Edits per round (default 100, as `make demo`).")
     parser.add_argument("--tau", type=float, default=0.1, help="REVIVE energy threshold of the 'on' arm (default 0.1).")
     parser.add_argument("--repeats", type=int, default=2, help="Pairs of (off, on) processes (default 2).")
-    parser.add_argument("--arm", choices=sorted(ARMS), default=None,
+    parser.add_argument("--arm", choices=ARMS, default=None,
                         help="Run only this arm, in this process (what each child of a full run does).")
     parser.add_argument("--cache", type=Path, default=None,
                         help="Key-statistics cache root the arms read [default: spectra's, $SPECTRA_CACHE or "
@@ -285,7 +286,7 @@ def main() -> None:
     result = {"once_per_model_seconds": once, **aggregate(children)}
     for arm, values in result["arms"].items():
         share = values["phase_share_of_edit"]
-        print(f"{arm}: " + "  ".join(f"{p} {s['median']:.1%}" for p, s in share.items()))
+        print(f"{arm}: " + "  ".join(f"{p} {s['median']:.2%}" for p, s in share.items()))
     payload = {
         "benchmark": "edit_loop",
         "environment": environment(device),

@@ -114,7 +114,7 @@ def edit_loop_rows(data: dict[str, Any]) -> list[str]:
         extra = f"on / off: {ratio(ratios['edit_on_over_off'])}" if arm == "on" and ratios else "—"
         rows.append(row(f"MEMIT round, REVIVE {arm} (seconds_edit)", size, seconds(a["seconds_edit_per_round"]["median"]),
                         spread(a["seconds_edit_per_round"]), extra, "—", "—"))
-        share = ", ".join(f"{p} {v['median']:.1%}" for p, v in
+        share = ", ".join(f"{p} {v['median']:.2%}" for p, v in
                           sorted(a["phase_share_of_edit"].items(), key=lambda kv: -kv[1]["median"]))
         rows.append(row(f"… where it goes (REVIVE {arm}, median share)", size, share, "—", "—", "—", "—"))
         mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731 - a one-line formatter
