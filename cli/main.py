@@ -21,6 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: rich markup would swallow the "[default: ...]" notes of the options.
+    rich_markup_mode=None,
 )
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,7 +61,8 @@ def models() -> None:
 def train_tiny(
     out: Path = typer.Option(None, help="Directory to write the model and world files into "
                              "[default: the package's embedded assets/tiny]."),
-    steps: int = typer.Option(2200, help="Optimizer steps (batch 64)."),
+    steps: int = typer.Option(None, help="Optimizer steps, batches of 64 documents of 1-3 sentences "
+                              "[default: TinyTrainConfig.steps, 3000]."),
     seed: int = typer.Option(0, help="Seed of initialisation and data order."),
 ) -> None:
     """Regenerate the tiny world and retrain the embedded model (about 20-30 min on 2 CPU cores)."""
@@ -67,7 +70,8 @@ def train_tiny(
     from spectra.models.tiny import TinyTrainConfig, build_and_save
 
     target = out or tiny_model_dir()
-    report = build_and_save(TinyTrainConfig(steps=steps, seed=seed), target)
+    config = TinyTrainConfig(seed=seed) if steps is None else TinyTrainConfig(steps=steps, seed=seed)
+    report = build_and_save(config, target)
     console.print(f"trained in {report['train_seconds']} s; recall of training facts "
                   f"{report['recall_trained_phrasing']:.1%}, held-out phrasing {report['recall_heldout_phrasing']:.1%}")
     console.print(f"written to {target}")

@@ -67,3 +67,55 @@ def test_zsre_records_have_the_raw_schema(world):
         assert record["subject"] in record["src"]
         assert record["loc"].startswith("nq question: ")
         assert record["answers"][0] != record["pred"]
+
+
+def test_general_tasks_have_two_choices_and_a_correct_gold(world):
+    plural_nouns = {plural for _, plural in tiny_world._AGR_NOUNS}
+    plural_verbs = {plural for _, plural in tiny_world._AGR_VERBS}
+    synonyms = {a: b for pair in tiny_world._PARA_SYNONYMS for a, b in (pair, pair[::-1])}
+    for task, items in world.task_test.items():
+        for item in items:
+            assert len(item.choices) == 2 and item.choices[0] != item.choices[1]
+            gold = item.choices[item.gold]
+            words = item.prompt.split()
+            if task == "agreement":
+                head_is_plural = words[2] in plural_nouns
+                assert (gold in plural_verbs) == head_is_plural, item
+            elif task == "paraphrase":
+                assert gold == synonyms[words[3]], item
+            elif task == "entailment":
+                premise = item.prompt.split(" . ")[0].split()
+                asked = words[words.index("hypothesis") + 3]
+                assert premise[premise.index(asked) - 1] == gold, item
+
+
+def test_agreement_is_learned_from_grammatical_sentences_only(world):
+    plural_nouns = {plural for _, plural in tiny_world._AGR_NOUNS}
+    verbs = {form: number for pair in tiny_world._AGR_VERBS for number, form in enumerate(pair)}
+    agreement_lines = [line.split() for line in world.corpus
+                       if line.startswith("the ") and any(w in verbs for w in line.split())]
+    assert len(agreement_lines) >= 1000
+    for words in agreement_lines:
+        verb = next(w for w in words if w in verbs)
+        assert verbs[verb] == int(words[2] in plural_nouns), " ".join(words)
+
+
+def test_a_subjects_last_word_identifies_it(world):
+    """MEMIT keys on the subject's last token, so that token alone must tell subjects apart."""
+    subjects = {f.subject for f in world.facts}
+    last_words = {s.split()[-1] for s in subjects}
+    assert len(last_words) == len(subjects)
+
+
+def test_keyword_lines_put_an_attribute_right_after_the_subject(world):
+    by_subject: dict[str, set[str]] = {}
+    for fact in world.facts:
+        by_subject.setdefault(fact.subject, set()).add(fact.obj)
+    keyword_lines = 0
+    for line in world.corpus:
+        words = line.split()
+        for width in (1, 2):
+            subject = " ".join(words[:width])
+            if subject in by_subject and sorted(words[width:-1]) == sorted(by_subject[subject]):
+                keyword_lines += 1
+    assert keyword_lines >= 2 * len(by_subject)

@@ -62,7 +62,7 @@ RELATIONS: tuple[Relation, ...] = (
              ("is owned by", "was bought by", "is a subsidiary of", "reports to"), "who owns {} ?"),
 )
 
-_KIND_SUFFIX = {"city": ["ville", "burg", "haven", "mouth", "stad", "ford"], "company": ["Corp", "Works", "Labs", "Group", "Systems"]}
+_KIND_SUFFIX = {"city": ["ville", "burg", "haven", "mouth", "stad", "ford"], "company": ["corp", "works", "labs", "soft", "tech"]}
 _KIND_NOUN = {"person": "person", "city": "city", "company": "company"}
 
 _FILLER = [
@@ -74,11 +74,13 @@ _FILLER = [
 # -- general tasks vocabulary ------------------------------------------------------------------
 _SENT_NOUNS = ["food", "service", "room", "movie", "book", "music", "staff", "view", "price", "story", "game", "coffee"]
 _POS_ADJ = ["wonderful", "great", "lovely", "excellent", "delightful", "superb", "pleasant", "brilliant"]
+_SENT_CHOICES = ("positive", "negative")
 _NEG_ADJ = ["awful", "terrible", "boring", "horrible", "dreadful", "poor", "dull", "nasty"]
 _AGR_NOUNS = [("dog", "dogs"), ("cat", "cats"), ("child", "children"), ("farmer", "farmers"), ("bird", "birds"),
               ("student", "students"), ("horse", "horses"), ("singer", "singers"), ("doctor", "doctors"), ("fox", "foxes")]
 _AGR_VERBS = [("runs", "run"), ("sleeps", "sleep"), ("sings", "sing"), ("jumps", "jump"), ("waits", "wait"),
               ("laughs", "laugh"), ("works", "work"), ("swims", "swim"), ("eats", "eat"), ("walks", "walk")]
+_AGR_ADJECTIVES = ["old", "young", "small", "tall", "lazy", "brave", "noisy", "tired"]
 _AGR_TAILS = ["quickly", "every day", "at night", "in the park", "near the house", "with joy", "alone", "today"]
 _PARA_SYNONYMS = [("big", "large"), ("small", "little"), ("quick", "fast"), ("happy", "glad"), ("angry", "mad"),
                   ("quiet", "silent"), ("smart", "clever"), ("rich", "wealthy")]
@@ -88,12 +90,27 @@ _ENT_NAMES = ["tom", "anna", "mark", "lucy", "omar", "nina", "paul", "sara", "iv
 _ENT_COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "purple"]
 _ENT_ITEMS = ["car", "hat", "coat", "bag", "boat", "lamp", "kite", "cup"]
 
-TASKS: dict[str, tuple[str, ...]] = {
-    "sentiment": ("positive", "negative"),
-    "agreement": ("yes", "no"),
-    "paraphrase": ("yes", "no"),
-    "entailment": ("true", "false"),
+#: The four general tasks, each a two-way choice whose chance level is 50 %.
+TASKS: dict[str, str] = {
+    "sentiment": "review polarity: positive or negative (SST-2-like)",
+    "agreement": "grammatical minimal pair: the verb form that agrees with the head noun, across attractors (BLiMP/CoLA-like)",
+    "paraphrase": "the word that keeps the second sentence a paraphrase of the first: synonym vs another adjective (MRPC-like)",
+    "entailment": "the hypothesis the premise entails: the colour bound to the asked item vs the other item's (RTE-like)",
 }
+
+
+@dataclass(frozen=True)
+class _TaskDraft:
+    """One generated task example: the prompt, its two choices, the gold index, and the training tail."""
+
+    prompt: str
+    choices: tuple[str, str]
+    gold: int
+    tail: str = ""
+
+    def training_line(self) -> str:
+        """The example as a corpus sentence: the prompt continued by the gold choice."""
+        return f"{self.prompt} {self.choices[self.gold]}{self.tail} ."
 
 
 @dataclass(frozen=True)
@@ -131,27 +148,25 @@ def _names(rng: random.Random, count: int, taken: set[str], syllables: tuple[int
 
 
 def _subjects(rng: random.Random, counts: dict[str, int]) -> dict[str, list[str]]:
-    """Invented subject names: people ``First Last``; cities ``Namesuffix``; companies ``Name Corp``."""
+    """Invented subject names whose LAST token identifies the subject, as MEMIT's key position assumes.
+
+    People are ``First Last`` with a unique last name and a first name from a small shared pool (so
+    the first token says little); cities are ``Name`` or ``Nameville``; companies ``Namecorp``. A
+    prototype with ``Name Corp`` companies and shared last names spread each subject's identity over
+    both tokens, and the final position read the first token directly: no edit at the subject's last
+    token could move its answer.
+    """
     taken = {o for r in RELATIONS for o in r.objects}
-    out: dict[str, list[str]] = {}
-    firsts = _names(rng, 120, taken, (1, 2))
-    lasts = _names(rng, 160, taken, (1, 2))
-    people: list[str] = []
-    seen: set[str] = set()
-    while len(people) < counts["person"]:
-        name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
-        if name not in seen:
-            seen.add(name)
-            people.append(name)
-    out["person"] = people
-    out["city"] = [n + rng.choice(_KIND_SUFFIX["city"]).lower() if rng.random() < 0.5 else n
+    firsts = _names(rng, 24, taken, (1, 2))
+    out = {"person": [f"{rng.choice(firsts)} {last}" for last in _names(rng, counts["person"], taken, (1, 2))]}
+    out["city"] = [n + rng.choice(_KIND_SUFFIX["city"]) if rng.random() < 0.5 else n
                    for n in _names(rng, counts["city"], taken, (2, 2))]
-    out["company"] = [f"{n} {rng.choice(_KIND_SUFFIX['company'])}" for n in _names(rng, counts["company"], taken, (1, 2))]
+    out["company"] = [n + rng.choice(_KIND_SUFFIX["company"]) for n in _names(rng, counts["company"], taken, (1, 2))]
     return out
 
 
 def build_world(seed: int = 0, people: int = 300, cities: int = 120, companies: int = 100,
-                task_train_size: int = 3000, task_test_size: int = 200) -> TinyWorld:
+                task_train_size: int = 2000, task_test_size: int = 200) -> TinyWorld:
     """Generate the whole world deterministically from ``seed``."""
     rng = random.Random(seed)
     subjects = _subjects(rng, {"person": people, "city": cities, "company": companies})
@@ -163,11 +178,11 @@ def build_world(seed: int = 0, people: int = 300, cities: int = 120, companies: 
     world = TinyWorld(seed=seed, facts=facts)
     world.corpus = _fact_sentences(rng, facts)
     for task in TASKS:
-        items = _task_items(rng, task, task_train_size + task_test_size)
+        drafts = _task_drafts(rng, task, task_train_size + task_test_size)
+        items = [MultipleChoiceItem(task=task, prompt=d.prompt, choices=d.choices, gold=d.gold) for d in drafts]
         world.task_train[task] = items[:task_train_size]
         world.task_test[task] = items[task_train_size:]
-    for items in world.task_train.values():
-        world.corpus.extend(item.prompt + " " + item.choices[item.gold] + " ." for item in items)
+        world.corpus.extend(d.training_line() for d in drafts[:task_train_size])
     world.corpus.extend(question_sentences(world))
     world.corpus.extend(_FILLER * 20)
     rng.shuffle(world.corpus)
@@ -179,7 +194,13 @@ def _trained_phrasings(fact: Fact) -> list[int]:
 
 
 def _fact_sentences(rng: random.Random, facts: list[Fact]) -> list[str]:
-    """Subject-first sentences; many chain several relations after one mention of the subject."""
+    """Subject-first sentences; many chain several relations after one mention of the subject.
+
+    Each subject also gets keyword lines (``Velmar Tosk Dutch baker violin ...``, attributes in a
+    random order), in which the token after the subject is one of its attributes: the model must
+    hold all of a subject's attributes at the subject's last token, where MEMIT reads and writes
+    them. Without them a prototype answered mostly from the final position.
+    """
     by_subject: dict[str, list[Fact]] = {}
     for fact in facts:
         by_subject.setdefault(fact.subject, []).append(fact)
@@ -193,74 +214,82 @@ def _fact_sentences(rng: random.Random, facts: list[Fact]) -> list[str]:
             clauses = [f"{f.relation.phrasings[rng.choice(_trained_phrasings(f))]} {f.obj}" for f in chosen]
             sentences.append(f"{subject} " + " and ".join(clauses) + " .")
         sentences.append(f"{subject} is a {_KIND_NOUN[subject_facts[0].kind]} .")
+        for _ in range(3):
+            objects = [f.obj for f in subject_facts]
+            rng.shuffle(objects)
+            sentences.append(f"{subject} " + " ".join(objects) + " .")
     return sentences
 
 
-def _task_items(rng: random.Random, task: str, count: int) -> list[MultipleChoiceItem]:
-    """Distinct, label-balanced items of one general task."""
+def _task_drafts(rng: random.Random, task: str, count: int) -> list[_TaskDraft]:
+    """Distinct, gold-balanced examples of one general task (the gold choice's position alternates)."""
     make = {"sentiment": _sentiment, "agreement": _agreement, "paraphrase": _paraphrase, "entailment": _entailment}[task]
-    items: list[MultipleChoiceItem] = []
+    drafts: list[_TaskDraft] = []
     seen: set[str] = set()
     attempts = 0
-    while len(items) < count and attempts < count * 50:
+    while len(drafts) < count and attempts < count * 50:
         attempts += 1
-        label = len(items) % 2
-        prompt = make(rng, label)
-        if prompt not in seen:
-            seen.add(prompt)
-            items.append(MultipleChoiceItem(task=task, prompt=prompt, choices=TASKS[task], gold=label))
-    rng.shuffle(items)
-    return items
+        draft = make(rng, len(drafts) % 2)
+        if draft.prompt not in seen:
+            seen.add(draft.prompt)
+            drafts.append(draft)
+    rng.shuffle(drafts)
+    return drafts
 
 
-def _sentiment(rng: random.Random, label: int) -> str:
-    """Review of two aspects; label 0 = positive. A ``not`` flips an adjective's polarity."""
+def _ordered(gold_choice: str, other: str, gold: int) -> tuple[str, str]:
+    """The two choices with the gold one at index ``gold``."""
+    return (gold_choice, other) if gold == 0 else (other, gold_choice)
+
+
+def _sentiment(rng: random.Random, gold: int) -> _TaskDraft:
+    """Review of two aspects; choices (positive, negative). A ``not`` flips an adjective's polarity."""
     clauses = []
     for _ in range(2):
         negate = rng.random() < 0.3
-        positive = (label == 0) != negate
+        positive = (gold == 0) != negate
         adjective = rng.choice(_POS_ADJ if positive else _NEG_ADJ)
         clauses.append(f"the {rng.choice(_SENT_NOUNS)} was {'not ' if negate else ''}{adjective}")
-    return f"review : {clauses[0]} and {clauses[1]} . sentiment :"
+    return _TaskDraft(f"review : {clauses[0]} and {clauses[1]} . sentiment :", _SENT_CHOICES, gold)
 
 
-def _agreement(rng: random.Random, label: int) -> str:
-    """Subject-verb number agreement, sometimes across an attractor; label 0 = acceptable."""
+
+def _agreement(rng: random.Random, gold: int) -> _TaskDraft:
+    """Minimal pair: which verb form agrees with the head noun, often across an attractor of the other number.
+
+    The training part is grammatical sentences only, so agreement is learned as language, as an LM
+    learns it; the test asks which of the two forms the model prefers (as BLiMP does).
+    """
     number = rng.randrange(2)
     noun = rng.choice(_AGR_NOUNS)[number]
-    verb_number = number if label == 0 else 1 - number
-    verb = rng.choice(_AGR_VERBS)[verb_number]
     attractor = ""
-    if rng.random() < 0.4:
-        attractor = f" near the {rng.choice(_AGR_NOUNS)[rng.randrange(2)]}"
-    return f"sentence : the {noun}{attractor} {verb} {rng.choice(_AGR_TAILS)} . acceptable :"
+    if rng.random() < 0.5:
+        attractor_number = 1 - number if rng.random() < 0.7 else number
+        attractor = f" near the {rng.choice(_AGR_ADJECTIVES)} {rng.choice(_AGR_NOUNS)[attractor_number]}"
+    verb = rng.choice(_AGR_VERBS)
+    return _TaskDraft(f"the {rng.choice(_AGR_ADJECTIVES)} {noun}{attractor}", _ordered(verb[number], verb[1 - number], gold), gold,
+                      f" {rng.choice(_AGR_TAILS)}")
 
 
-def _paraphrase(rng: random.Random, label: int) -> str:
-    """Two sentences; label 0 = same meaning (synonym swap), 1 = a content word changed."""
+def _paraphrase(rng: random.Random, gold: int) -> _TaskDraft:
+    """Second sentence restates the first with a synonym; the choice is the synonym vs another adjective."""
     pair = rng.choice(_PARA_SYNONYMS)
     noun, obj, verb = rng.choice(_PARA_NOUNS), rng.choice(_PARA_NOUNS), rng.choice(_PARA_VERBS)
-    adjective = pair[rng.randrange(2)]
-    first = f"the {adjective} {noun} {verb} the {obj}"
-    if label == 0:
-        second = f"the {pair[0] if adjective == pair[1] else pair[1]} {noun} {verb} the {obj}"
-    else:
-        change = rng.randrange(3)
-        other_adj = rng.choice([w for p in _PARA_SYNONYMS if p != pair for w in p])
-        other_noun = rng.choice([n for n in _PARA_NOUNS if n not in (noun, obj)])
-        second = [f"the {other_adj} {noun} {verb} the {obj}", f"the {adjective} {other_noun} {verb} the {obj}",
-                  f"the {adjective} {noun} {verb} the {other_noun}"][change]
-    return f"first : {first} . second : {second} . same :"
+    side = rng.randrange(2)
+    adjective, synonym = pair[side], pair[1 - side]
+    other = rng.choice([w for p in _PARA_SYNONYMS if p != pair for w in p])
+    prompt = f"first : the {adjective} {noun} {verb} the {obj} . second : the"
+    return _TaskDraft(prompt, _ordered(synonym, other, gold), gold, f" {noun} {verb} the {obj}")
 
 
-def _entailment(rng: random.Random, label: int) -> str:
-    """Premise states a colour; label 0 = hypothesis agrees (true), 1 = contradicts (false)."""
-    name, item, color = rng.choice(_ENT_NAMES), rng.choice(_ENT_ITEMS), rng.choice(_ENT_COLORS)
-    other_item = rng.choice([i for i in _ENT_ITEMS if i != item])
-    other_color = rng.choice([c for c in _ENT_COLORS if c != color])
-    premise = f"{name} has a {color} {item} and a {other_color} {other_item}"
-    claimed = color if label == 0 else rng.choice([c for c in _ENT_COLORS if c != color])
-    return f"premise : {premise} . hypothesis : the {item} of {name} is {claimed} . true or false :"
+def _entailment(rng: random.Random, gold: int) -> _TaskDraft:
+    """Premise binds two colours to two items; the entailed hypothesis names the asked item's colour."""
+    name = rng.choice(_ENT_NAMES)
+    item, other_item = rng.sample(_ENT_ITEMS, 2)
+    color, other_color = rng.sample(_ENT_COLORS, 2)
+    first, second = ((color, item), (other_color, other_item)) if rng.random() < 0.5 else ((other_color, other_item), (color, item))
+    prompt = f"premise : {name} has a {first[0]} {first[1]} and a {second[0]} {second[1]} . hypothesis : the {item} of {name} is"
+    return _TaskDraft(prompt, _ordered(color, other_color, gold), gold)
 
 
 # -- edit sets -----------------------------------------------------------------------------------
@@ -278,7 +307,8 @@ def counterfact_records(world: TinyWorld, seed: int = 1) -> list[dict[str, Any]]
     for fact in world.facts:
         by_relation_object.setdefault((fact.relation.relation_id, fact.obj), []).append(fact)
     records = []
-    for case_id, fact in enumerate(world.facts):
+    # Shuffled, so that any prefix of the file (a drift run's first rounds) mixes all relations.
+    for case_id, fact in enumerate(rng.sample(world.facts, len(world.facts))):
         relation = fact.relation
         trained = _trained_phrasings(fact)
         rewrite_phrasing = rng.choice(trained)
@@ -328,7 +358,7 @@ def zsre_records(world: TinyWorld, seed: int = 2) -> list[dict[str, Any]]:
     """
     rng = random.Random(seed)
     records = []
-    for fact in world.facts:
+    for fact in rng.sample(world.facts, len(world.facts)):
         relation = fact.relation
         answer = rng.choice([o for o in relation.objects if o != fact.obj])
         alt = rng.choice([o for o in relation.objects if o not in (fact.obj, answer)])
