@@ -39,21 +39,17 @@ def test_tokenizer_keeps_objects_single_tokens_and_adds_bos(world):
     assert ids[0] == tokenizer.bos_token_id and len(ids) == 2
 
 
-MISSES_TARGETS = pytest.mark.xfail(
-    strict=True,
-    reason="The shipped model (2,200 steps, trained here under heavy CPU contention) recalls 70 % / 61 % of its facts "
-    "and is at chance on three of four tasks; it must be retrained longer (see README and issue 2).",
-)
-
-
-@MISSES_TARGETS
 def test_shipped_model_recalls_its_facts(shipped, world):
     trained, heldout = tiny_world.recall_prompts(world)
     assert next_token_recall(shipped.model, shipped.tokenizer, trained) >= 0.95
     assert next_token_recall(shipped.model, shipped.tokenizer, heldout) >= 0.80
 
 
-@MISSES_TARGETS
+@pytest.mark.xfail(
+    strict=True,
+    reason="entailment (binding a colour to the asked item) stays at chance (48 %) after 3,000 steps; sentiment, "
+    "agreement and paraphrase are at 100 % (see README and issue 2).",
+)
 def test_shipped_model_has_general_abilities(shipped):
     scores = GeneralAbility.from_file(tiny_model_dir() / WORLD_FILES["general"])(shipped.model, shipped.tokenizer)
     assert set(scores) == set(tiny_world.TASKS)
