@@ -78,6 +78,24 @@ def test_memit_closed_form_equals_generic_least_squares() -> None:
     torch.testing.assert_close(delta.to_dense().double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_memit_ridge_adds_a_scale_free_frobenius_penalty() -> None:
+    """With ridge r, the solve minimises ||Delta K - R||^2 + lam tr(Delta C Delta^T) + r mean||k||^2 ||Delta||^2."""
+    gen = torch.Generator().manual_seed(3)
+    d_k, d_v, n, lam, r = 12, 5, 4, 2.0, 0.1
+    basis = torch.randn(d_k, 3, generator=gen, dtype=torch.float64)
+    C = basis @ basis.T / 3  # rank-deficient, as a small model's key statistics are
+    K = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    R = torch.randn(d_v, n, generator=gen, dtype=torch.float64)
+    rho = r * float((K**2).sum(0).mean())
+    delta = memit_solve(K, R, C, lam, ridge=r)
+    evals, evecs = torch.linalg.eigh(C)
+    L = evecs * evals.clamp_min(0).sqrt()
+    A = torch.cat([K, lam**0.5 * L, rho**0.5 * torch.eye(d_k, dtype=torch.float64)], dim=1)
+    B = torch.cat([R, torch.zeros(d_v, 2 * d_k, dtype=torch.float64)], dim=1)
+    expected = torch.linalg.lstsq(A.T, B.T).solution.T
+    torch.testing.assert_close(delta.to_dense().double(), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memit_changes_the_prediction_of_edited_facts(family: str, tmp_path) -> None:
     """A round of MEMIT makes each new target the model's top prediction (every architecture family)."""
@@ -138,7 +156,8 @@ def test_bad_requests_and_layers_are_clear_errors(tmp_path) -> None:
 
 def test_hparams_defaults_and_validation() -> None:
     tiny = MemitHParams.for_model("tiny")
-    assert tiny.layers == (1, 2, 3) and tiny.z_layer == 3 and tiny.key_position == "subject_last"
+    assert tiny.layers == (0, 1, 2) and tiny.z_layer == 2 and tiny.key_position == "subject_last" and tiny.ridge > 0
+    assert MemitHParams.for_model("gpt-j").ridge == 0.0, "real models keep the reference solve"
     assert MemitHParams.for_model("gpt2-xl").mom2_update_weight == 20000
     nse = NseHParams.for_model("gpt2-xl")
     assert nse.mom2_update_weight == 10000 and nse.alpha == 35 and nse.layers == (13, 14, 15, 16, 17)
@@ -164,7 +183,7 @@ def test_registry_is_lazy_and_rejects_duplicates() -> None:
     custom.register("mine", "spectra.editing.memit:MemitEditor")
     assert custom.resolve("mine") is MemitEditor
     editor = make_editor("memit", "tiny", corpus=corpus(2))
-    assert isinstance(editor, MemitEditor) and editor.hparams.mom2_update_weight == 1000
+    assert isinstance(editor, MemitEditor) and editor.hparams.mom2_update_weight == MemitHParams.for_model("tiny").mom2_update_weight
 
 
 def test_joint_z_optimisation_equals_one_request_at_a_time() -> None:

@@ -110,3 +110,13 @@ def top_prediction(model: LoadedModel, text: str) -> str:
     with torch.no_grad():
         logits = model.model(input_ids=ids).logits[0, -1]
     return model.tokenizer.convert_ids_to_tokens(int(logits.argmax()))
+
+
+def test_a_corpus_given_as_a_string_is_a_file_path(tmp_path) -> None:
+    """A str corpus is a path: iterating it would make one-character documents and a meaningless C."""
+    from spectra.editing.stats import read_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("alice lives in paris\n\nbob works in rome\n")
+    assert read_corpus(str(corpus), None) == ["alice lives in paris", "bob works in rome"]
+    assert read_corpus(["a b", " c "], 1) == ["a b"]

@@ -124,18 +124,23 @@ class KeyCache:
 
 def memit_solve(
     keys: torch.Tensor, residual: torch.Tensor, covariance: torch.Tensor, weight: float,
-    extra: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None, ridge: float = 0.0,
 ) -> Delta:
-    """MEMIT's closed form Delta = R K^T (lambda C + K K^T [+ extra])^-1, factored as R @ (A^-1 K)^T.
+    """MEMIT's closed form Delta = R K^T (lambda C + K K^T [+ extra] [+ rho I])^-1, factored as R @ (A^-1 K)^T.
 
     Minimises ||Delta K - R||^2 + lambda tr(Delta C Delta^T) (+ ||Delta K_p||^2 with ``extra`` =
-    K_p K_p^T, MEMIT_seq). Solved in float64 with a linear solve (no explicit inverse); A is
-    symmetric, so (A^-1 K)^T = K^T A^-1. The factors are returned in float32, rank <= n.
+    K_p K_p^T, MEMIT_seq) (+ rho ||Delta||^2). The ridge rho = ``ridge`` x mean ||k||^2 of the keys
+    is scale-free; it matters only when C is rank-deficient (a small model's keys fill few of
+    d_k directions), where the plain solve spends huge weights on directions no key uses.
+    Solved in float64 with a linear solve (no explicit inverse); A is symmetric, so
+    (A^-1 K)^T = K^T A^-1. The factors are returned in float32, rank <= n.
     """
     K = keys.double()
     A = weight * covariance.double() + K @ K.T
     if extra is not None:
         A = A + extra.double()
+    if ridge > 0:
+        A = A + ridge * float(K.pow(2).sum(0).mean()) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     right = torch.linalg.solve(A, K)
     return Delta.factored(residual.float(), right.float())
 
@@ -282,10 +287,11 @@ class LocateEditEditor(ABC):
             delta = filter(site, delta)
             self._weights.set(model, site, weight + delta.to_dense().to(weight))
             written[site] = delta
-            logger.info(
-                "%s %s: mean residual norm %.4g, update norm %.4g",
-                self.name, site, float(residual.norm(dim=0).mean()), delta.frobenius_norm(),
-            )
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "%s %s: mean residual norm %.4g, update norm %.4g",
+                    self.name, site, float(residual.norm(dim=0).mean()), delta.frobenius_norm(),
+                )
         return written
 
     # -- hooks ----------------------------------------------------------------------------

@@ -22,4 +22,4 @@ class MemitEditor(LocateEditEditor):
 
     def _solve(self, model: LoadedModel, site: Site, keys: torch.Tensor, residual: torch.Tensor, filter: SiteFilter) -> Delta:
         covariance = self.covariance(model, site.layer)
-        return memit_solve(keys, residual, covariance, self.hparams.mom2_update_weight)
+        return memit_solve(keys, residual, covariance, self.hparams.mom2_update_weight, ridge=self.hparams.ridge)

@@ -96,7 +96,9 @@ class NseEditor(LocateEditEditor):
         neurons = select_neurons(keys, self.hparams.neuron_threshold)
         covariance = self.covariance(model, site.layer)[neurons][:, neurons]
         cache = self.key_cache.get(site.layer, keys.shape[0], keys.device)[neurons][:, neurons]
-        restricted = memit_solve(keys[neurons], residual, covariance, self.hparams.mom2_update_weight, extra=cache)
+        restricted = memit_solve(
+            keys[neurons], residual, covariance, self.hparams.mom2_update_weight, extra=cache, ridge=self.hparams.ridge
+        )
         right = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
         right[neurons] = restricted.right
         return Delta.factored(restricted.left, right)

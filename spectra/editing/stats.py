@@ -30,11 +30,16 @@ STATS_VERSION = 1
 #: Forward throughputs (FLOP/s) used only to warn before a long computation; rough on purpose.
 _ASSUMED_FLOPS = {"cpu": 5e10, "cuda": 5e13}
 
-Corpus = Sequence[str] | Path
+Corpus = Sequence[str] | Path | str
 
 
 def read_corpus(corpus: Corpus, n_samples: int | None) -> list[str]:
-    """The documents of ``corpus``: a list of strings, or a UTF-8 text file with one document per line."""
+    """The documents of ``corpus``: a list of strings, or a UTF-8 text file with one document per line.
+
+    A bare ``str`` is a file path, never a sequence of one-character documents.
+    """
+    if isinstance(corpus, str):
+        corpus = Path(corpus)
     if isinstance(corpus, Path):
         if not corpus.is_file():
             raise SpectraError(f"The statistics corpus {corpus} does not exist; give a text file, one document per line.")
