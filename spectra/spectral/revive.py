@@ -54,8 +54,8 @@ class ReviveProjector:
         return self.Uk.to(like.device), self.Vk.to(like.device)
 
     def _left(self, X: torch.Tensor, Uk: torch.Tensor) -> torch.Tensor:
-        """(I - Uk Uk^T) X, computed as X - Uk (Uk^T X)."""
-        return X - Uk @ (Uk.T @ X)
+        """(I - Uk Uk^T) X, computed as X - Uk (Uk^T X) in one fused multiply-subtract."""
+        return torch.addmm(X, Uk, Uk.T @ X, alpha=-1.0)
 
     @overload
     def __call__(self, delta: torch.Tensor) -> torch.Tensor: ...
@@ -81,7 +81,7 @@ class ReviveProjector:
         X = self._left(delta.to(self.Uk.dtype), Uk)
         # Right projection applied to the left-projected update: (I - UkUk^T) dW (I - VkVk^T), equal
         # to dW - Uk(Uk^T dW) - (dW Vk)Vk^T + Uk(Uk^T dW Vk)Vk^T but with two products fewer.
-        return (X - (X @ Vk) @ Vk.T).to(delta.dtype)
+        return torch.addmm(X, X @ Vk, Vk.T, alpha=-1.0).to(delta.dtype)
 
     def leakage(self, delta: torch.Tensor | Delta) -> dict[str, float]:
         """How much of an update touches the protected subspace: ||Uk^T dW||_F / ||dW||_F and ||dW Vk||_F / ||dW||_F.
