@@ -38,7 +38,8 @@ def regenerate(target: Path) -> dict[str, Path]:
         "concentration": run_concentration(ConcentrationConfig(out=runs / "concentration")),
         "sensitivity": run_sensitivity(SensitivityConfig(out=runs / "sensitivity")),
         "drift": run_drift(DriftConfig(out=runs / "drift", tsne=True)),
-        "sweep": run_drift(DriftConfig(out=runs / "sweep", rounds=10, tau=[0.05, 0.1, 0.2, 0.3], represent_prompts=0)),
+        "sweep": run_drift(DriftConfig(out=runs / "sweep", rounds=5, batch_size=50, tau=[0.05, 0.1, 0.2, 0.3],
+                                       represent_prompts=0)),
     }
     for name, (experiment, figure) in SHOWN.items():
         source = made[experiment] / "figures" / figure
