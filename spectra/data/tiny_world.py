@@ -74,8 +74,8 @@ _FILLER = [
 # -- general tasks vocabulary ------------------------------------------------------------------
 _SENT_NOUNS = ["food", "service", "room", "movie", "book", "music", "staff", "view", "price", "story", "game", "coffee"]
 _POS_ADJ = ["wonderful", "great", "lovely", "excellent", "delightful", "superb", "pleasant", "brilliant"]
-_SENT_CHOICES = ("positive", "negative")
 _NEG_ADJ = ["awful", "terrible", "boring", "horrible", "dreadful", "poor", "dull", "nasty"]
+_SENT_CHOICES = ("positive", "negative")
 _AGR_NOUNS = [("dog", "dogs"), ("cat", "cats"), ("child", "children"), ("farmer", "farmers"), ("bird", "birds"),
               ("student", "students"), ("horse", "horses"), ("singer", "singers"), ("doctor", "doctors"), ("fox", "foxes")]
 _AGR_VERBS = [("runs", "run"), ("sleeps", "sleep"), ("sings", "sing"), ("jumps", "jump"), ("waits", "wait"),
@@ -151,10 +151,9 @@ def _subjects(rng: random.Random, counts: dict[str, int]) -> dict[str, list[str]
     """Invented subject names whose LAST token identifies the subject, as MEMIT's key position assumes.
 
     People are ``First Last`` with a unique last name and a first name from a small shared pool (so
-    the first token says little); cities are ``Name`` or ``Nameville``; companies ``Namecorp``. A
-    prototype with ``Name Corp`` companies and shared last names spread each subject's identity over
-    both tokens, and the final position read the first token directly: no edit at the subject's last
-    token could move its answer.
+    the first token says little); cities are ``Name`` or ``Nameville``; companies ``Namecorp``. On a
+    prototype with ``Name Corp`` companies and shared last names, restoring a person's or company's
+    last token recovered much less of the answer than a (one-token) city's, and MEMIT reached 0-2 %.
     """
     taken = {o for r in RELATIONS for o in r.objects}
     firsts = _names(rng, 24, taken, (1, 2))
@@ -199,7 +198,8 @@ def _fact_sentences(rng: random.Random, facts: list[Fact]) -> list[str]:
     Each subject also gets keyword lines (``Velmar Tosk Dutch baker violin ...``, attributes in a
     random order), in which the token after the subject is one of its attributes: the model must
     hold all of a subject's attributes at the subject's last token, where MEMIT reads and writes
-    them. Without them a prototype answered mostly from the final position.
+    them. In a prototype they raised the share of the answer the subject state carries (restoring it
+    recovered 41 % instead of 26 % of the clean probability).
     """
     by_subject: dict[str, list[Fact]] = {}
     for fact in facts:
@@ -253,7 +253,6 @@ def _sentiment(rng: random.Random, gold: int) -> _TaskDraft:
     return _TaskDraft(f"review : {clauses[0]} and {clauses[1]} . sentiment :", _SENT_CHOICES, gold)
 
 
-
 def _agreement(rng: random.Random, gold: int) -> _TaskDraft:
     """Minimal pair: which verb form agrees with the head noun, often across an attractor of the other number.
 
@@ -267,8 +266,8 @@ def _agreement(rng: random.Random, gold: int) -> _TaskDraft:
         attractor_number = 1 - number if rng.random() < 0.7 else number
         attractor = f" near the {rng.choice(_AGR_ADJECTIVES)} {rng.choice(_AGR_NOUNS)[attractor_number]}"
     verb = rng.choice(_AGR_VERBS)
-    return _TaskDraft(f"the {rng.choice(_AGR_ADJECTIVES)} {noun}{attractor}", _ordered(verb[number], verb[1 - number], gold), gold,
-                      f" {rng.choice(_AGR_TAILS)}")
+    prompt = f"the {rng.choice(_AGR_ADJECTIVES)} {noun}{attractor}"
+    return _TaskDraft(prompt, _ordered(verb[number], verb[1 - number], gold), gold, f" {rng.choice(_AGR_TAILS)}")
 
 
 def _paraphrase(rng: random.Random, gold: int) -> _TaskDraft:

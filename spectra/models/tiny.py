@@ -128,12 +128,15 @@ def _documents(lines: list[list[int]], tokenizer: object, rng: random.Random, ma
 def _epoch_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 32) -> list[list[int]]:
     """One epoch of shuffled batches of similar-length sequences (less padding, same examples).
 
-    The corpus mixes 6-token facts with 25-token task examples; batching them at random pads most
+    Documents run from one short fact to three task examples; batching them at random pads most
     rows to the longest. Sorting within pools of ``pool`` batches and shuffling the batches keeps
-    the order random at the scale of an epoch while cutting the padded positions.
+    the order random at the scale of an epoch while cutting the padded positions. A pool's last
+    partial batch is dropped, unless the whole corpus is smaller than one batch.
     """
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    if len(order) < batch_size:
+        return [order]
     batches: list[list[int]] = []
     for start in range(0, len(order), batch_size * pool):
         chunk = sorted(order[start : start + batch_size * pool], key=lambda i: lengths[i])
