@@ -189,7 +189,9 @@ def drift(
     dataset: str = typer.Option("auto", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path [default: tiny for "
                                 "the tiny model, else counterfact]."),
     refresh: str = typer.Option("original", help="REVIVE basis: from the original weights, or rebuilt from the current ones each round."),
-    placement: str = typer.Option("after", help="AlphaEdit only: REVIVE after the solve, or in_solve (combined projector)."),
+    placement: str = typer.Option(None, help="Where REVIVE acts on the key side: in_solve (solve on the "
+                                            "complement of V_k: the constrained optimum) or after (the paper's post-hoc "
+                                            "filter) [default: the editor's: in_solve, NSE after]."),
     metric_tau: float = typer.Option(0.1, help="tau defining the dominant subspace for LS and SS."),
     ss_every: int = typer.Option(2, help="Store SS matrices every N rounds (and the last)."),
     eval_records: int = typer.Option(200, help="Edited records sampled for the per-round edit metrics."),

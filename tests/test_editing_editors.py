@@ -96,6 +96,23 @@ def test_alphaedit_in_solve_placement_satisfies_both_key_constraints(tmp_path) -
         assert leak["left"] < 1e-5 and leak["right"] < 1e-5
 
 
+def test_memit_placements_differ_and_both_keep_revive_guarantees(tmp_path) -> None:
+    """in_solve reaches MEMIT's solve (a different update from post-hoc filtering); both leak nothing."""
+    written = {}
+    for placement in ("in_solve", "after"):
+        model = tiny_model("llama")
+        reqs = requests(model, 3)
+        editor = build("memit", model, tmp_path, revive_placement=placement)
+        editor.prepare(model, reqs)
+        revive = ReviveFilter.from_model(model, editor.edited_sites(model), tau=0.5)
+        written[placement] = editor.apply_round(model, reqs, revive)
+        for site, delta in written[placement].items():
+            leak = revive.basis(site).leakage(delta)
+            assert leak["left"] < 1e-5 and leak["right"] < 1e-5
+    first = min(written["after"])
+    assert not torch.allclose(written["in_solve"][first].to_dense(), written["after"][first].to_dense(), atol=1e-4)
+
+
 def test_projectors_are_what_they_claim() -> None:
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(12, 8, generator=gen, dtype=torch.float64)

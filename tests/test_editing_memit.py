@@ -96,6 +96,31 @@ def test_memit_ridge_adds_a_scale_free_frobenius_penalty() -> None:
     torch.testing.assert_close(delta.to_dense().double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_memit_in_solve_placement_is_the_optimum_over_updates_with_delta_v_zero() -> None:
+    """With V protected, the solve equals least squares over Delta = Y B^T, B a basis of span(V)'s complement."""
+    gen = torch.Generator().manual_seed(4)
+    d_k, d_v, n, lam, r, k = 10, 4, 3, 1.5, 0.05, 3
+    X = torch.randn(d_k, 30, generator=gen, dtype=torch.float64)
+    C = X @ X.T / 30
+    K = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    R = torch.randn(d_v, n, generator=gen, dtype=torch.float64)
+    full, _ = torch.linalg.qr(torch.randn(d_k, d_k, generator=gen, dtype=torch.float64))
+    V, B = full[:, :k], full[:, k:]
+    delta = memit_solve(K, R, C, lam, ridge=r, protected_inputs=V.float()).to_dense().double()
+    assert float((delta @ V).norm()) < 1e-5 * float(delta.norm())
+    # Objective in Y: ||Y B^T K - R||^2 + lam tr(Y B^T C B Y^T) + rho ||Y||^2, an ordinary least squares.
+    rho = r * float((K**2).sum(0).mean())
+    L = torch.linalg.cholesky(B.T @ C @ B)
+    A = torch.cat([B.T @ K, lam**0.5 * L, rho**0.5 * torch.eye(d_k - k, dtype=torch.float64)], dim=1)
+    target = torch.cat([R, torch.zeros(d_v, 2 * (d_k - k), dtype=torch.float64)], dim=1)
+    Y = torch.linalg.lstsq(A.T, target.T).solution.T
+    torch.testing.assert_close(delta, Y @ B.T, rtol=1e-4, atol=1e-5)
+    unconstrained = memit_solve(K, R, C, lam, ridge=r).to_dense().double()
+    assert not torch.allclose(delta, unconstrained @ (torch.eye(d_k, dtype=torch.float64) - V @ V.T), atol=1e-3), (
+        "post-hoc projection is not the constrained optimum, so the two placements must differ"
+    )
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memit_changes_the_prediction_of_edited_facts(family: str, tmp_path) -> None:
     """A round of MEMIT makes each new target the model's top prediction (every architecture family)."""
@@ -170,6 +195,11 @@ def test_hparams_defaults_and_validation() -> None:
         MemitHParams(layers=(1,), key_position="first")
     with pytest.raises(SpectraError, match="no hyperparameter"):
         MemitHParams.for_model("tiny", nullspace_threshold=1.0)
+    assert tiny.revive_placement == "in_solve" and NseHParams.for_model("tiny").revive_placement == "after"
+    with pytest.raises(SpectraError, match="revive_placement"):
+        MemitHParams(layers=(1,), revive_placement="before")
+    with pytest.raises(SpectraError, match="NSE places a REVIVE filter after"):
+        NseHParams.for_model("tiny", revive_placement="in_solve")
 
 
 def test_registry_is_lazy_and_rejects_duplicates() -> None:

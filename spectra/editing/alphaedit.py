@@ -10,7 +10,7 @@ import torch
 from spectra.data.records import EditRequest
 from spectra.editing.base import KeyCache, LocateEditEditor
 from spectra.editing.core import PromptRows
-from spectra.editing.filters import ReviveFilter, SiteFilter
+from spectra.editing.filters import SiteFilter
 from spectra.editing.hparams import AlphaEditHParams
 from spectra.editing.stats import Corpus
 from spectra.models.loading import LoadedModel
@@ -59,13 +59,13 @@ def alphaedit_solve(
 
 
 class AlphaEditEditor(LocateEditEditor):
-    """AlphaEdit with its cross-round key cache; REVIVE after the solve (default) or inside it.
+    """AlphaEdit with its cross-round key cache; REVIVE inside the solve (default) or after it.
 
-    Default placement "after": the REVIVE paper applies its filter post hoc to every editor, and
-    the left (output-side) filter keeps AlphaEdit's guarantee Delta (I - P) = 0 and its optimality;
-    only the right filter trades the guarantee away. "in_solve" solves with Q (range(P) without
-    span(V_k)) instead of P, so the update satisfies both key-side constraints exactly and is the
-    constrained optimum; the full filter applied afterwards then only acts on the output side.
+    "in_solve" solves with Q (range(P) without span(V_k)) instead of P, so the update satisfies both
+    key-side constraints exactly and is the constrained optimum; the filter applied afterwards then
+    only acts on the output side, where post-hoc projection is optimal. "after" is the REVIVE
+    paper's post-hoc filter: the left side keeps AlphaEdit's guarantee Delta (I - P) = 0, the right
+    side trades it away (reference 12.2).
     """
 
     name: ClassVar[str] = "alphaedit"
@@ -90,9 +90,8 @@ class AlphaEditEditor(LocateEditEditor):
     def solve_projector(self, model: LoadedModel, site: Site, filter: SiteFilter) -> torch.Tensor:
         """P, or Q when REVIVE sits inside the solve."""
         P = self.projector(model, site.layer)
-        if self.hparams.revive_placement == "in_solve" and isinstance(filter, ReviveFilter):
-            return restricted_projector(P, filter.basis(site).Vk)
-        return P
+        protected = self._protected_inputs(site, filter)
+        return P if protected is None else restricted_projector(P, protected)
 
     def _prepare_method(self, model: LoadedModel, requests: list[EditRequest]) -> None:
         for layer in self.hparams.layers:

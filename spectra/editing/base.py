@@ -13,7 +13,7 @@ from spectra.data.records import EditRequest
 from spectra.editing.core import (
     PromptRows, ZSettings, check_request, generate_templates, key_rows, keys_and_hidden, optimize_targets,
 )
-from spectra.editing.filters import SiteFilter, begin_round
+from spectra.editing.filters import ReviveFilter, SiteFilter, begin_round
 from spectra.editing.hparams import MemitHParams
 from spectra.editing.stats import Corpus, KeyStatistics, StatsCache, model_fingerprint
 from spectra.errors import SpectraError
@@ -124,7 +124,7 @@ class KeyCache:
 
 def memit_solve(
     keys: torch.Tensor, residual: torch.Tensor, covariance: torch.Tensor, weight: float,
-    extra: torch.Tensor | None = None, ridge: float = 0.0,
+    extra: torch.Tensor | None = None, ridge: float = 0.0, protected_inputs: torch.Tensor | None = None,
 ) -> Delta:
     """MEMIT's closed form Delta = R K^T (lambda C + K K^T [+ extra] [+ rho I])^-1, factored as R @ (A^-1 K)^T.
 
@@ -132,6 +132,9 @@ def memit_solve(
     K_p K_p^T, MEMIT_seq) (+ rho ||Delta||^2). The ridge rho = ``ridge`` x mean ||k||^2 of the keys
     is scale-free; it matters only when C is rank-deficient (a small model's keys fill few of
     d_k directions), where the plain solve spends huge weights on directions no key uses.
+    With ``protected_inputs`` V (d_k, k, orthonormal columns: REVIVE's V_k placed inside the solve,
+    reference 12.2) the same objective is minimised subject to Delta V = 0: with Q = I - V V^T,
+    Delta = R (Q K)^T (Q A Q + V V^T)^-1, whose right factor lies in range(Q). Q is never formed.
     Solved in float64 with a linear solve (no explicit inverse); A is symmetric, so
     (A^-1 K)^T = K^T A^-1. The factors are returned in float32, rank <= n.
     """
@@ -141,8 +144,17 @@ def memit_solve(
         A = A + extra.double()
     if ridge > 0:
         A = A + ridge * float(K.pow(2).sum(0).mean()) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    if protected_inputs is not None:
+        A, K = _restrict(A, K, protected_inputs.to(device=A.device, dtype=A.dtype))
     right = torch.linalg.solve(A, K)
     return Delta.factored(residual.float(), right.float())
+
+
+def _restrict(A: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q A Q + V V^T, Q K) for Q = I - V V^T, in O(d^2 k): the normal equations on span(V)'s complement."""
+    AV = A @ V
+    restricted = A - V @ AV.T - AV @ V.T + V @ (V.T @ AV) @ V.T + V @ V.T
+    return (restricted + restricted.T) / 2, K - V @ (V.T @ K)
 
 
 class LocateEditEditor(ABC):
@@ -298,6 +310,12 @@ class LocateEditEditor(ABC):
     @abstractmethod
     def _solve(self, model: LoadedModel, site: Site, keys: torch.Tensor, residual: torch.Tensor, filter: SiteFilter) -> Delta:
         """The method's update for one layer: keys (d_k, n), residual (d_v, n) -> Delta (d_v, d_k)."""
+
+    def _protected_inputs(self, site: Site, filter: SiteFilter) -> torch.Tensor | None:
+        """REVIVE's V_k for ``site`` when the filter is REVIVE and sits inside the solve, else None."""
+        if self.hparams.revive_placement == "in_solve" and isinstance(filter, ReviveFilter):
+            return filter.basis(site).Vk
+        return None
 
     def _shape_update(self, site: Site, delta: Delta, weight: torch.Tensor) -> Delta:
         """Reshape a solved update before the filter (RECT masks it); identity by default."""

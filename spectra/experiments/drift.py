@@ -49,7 +49,7 @@ class DriftConfig(CommonOptions):
     tau: list[float] = field(default_factory=lambda: [0.1])
     dataset: str = "auto"
     refresh: str = "original"
-    placement: str = "after"
+    placement: str | None = None
     metric_tau: float = 0.1
     ss_every: int = 2
     eval_records: int = 200
@@ -74,7 +74,7 @@ class DriftConfig(CommonOptions):
             raise SpectraError(f"--rounds and --batch-size must be at least 1 (got {self.rounds}, {self.batch_size}).")
         if self.refresh not in ("original", "current"):
             raise SpectraError(f"--refresh must be original or current, not {self.refresh!r}.")
-        if self.placement not in ("after", "in_solve"):
+        if self.placement not in (None, "after", "in_solve"):
             raise SpectraError(f"--placement must be after or in_solve, not {self.placement!r}.")
         if self.ss_every < 1 or self.eval_records < 1 or self.represent_prompts < 0:
             raise SpectraError("--ss-every and --eval-records must be at least 1 and --represent-prompts at least 0.")
@@ -260,7 +260,7 @@ def run_drift(config: DriftConfig, progress: bool = True) -> Path:
 
     defaults, corpus = editor_defaults(model, config)
     overrides = {"seed": config.seed}
-    if config.editor == "alphaedit":
+    if config.placement is not None:
         overrides["revive_placement"] = config.placement
 
     def new_editor() -> Editor:
