@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_tiny_model
 from fixtures.fake_lm import WORDS, BigramLM, word_tokenizer
 
 from spectra.data.counterfact import load_counterfact
@@ -54,6 +56,23 @@ def test_scorer_gives_mean_token_nll_and_argmax_hits(lm: BigramLM, tok) -> None:
     assert one.mean_nll == pytest.approx(math.log(2), rel=1e-5) and one.all_correct
     with pytest.raises(SpectraError, match="Cannot score pair 0"):
         score_continuations(lm, [([], [3])], pad_id=1)
+
+
+def test_scorer_shares_inputs_and_matches_scoring_each_pair_alone() -> None:
+    """Pairs with the same prefix + continuation[:-1] share one row; scores equal one pair per pass."""
+    model = make_tiny_model("llama")
+    pairs = [([5, 6, 7], [8]), ([5, 6, 7], [9]), ([5, 6], [7, 8]), ([5, 6], [7, 9, 10]), ([11], [12, 13]), ([5, 6, 7], [8])]
+    fed: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    together = score_continuations(model, pairs, pad_id=0, batch_size=8)
+    handle.remove()
+    assert fed == [3], "four pairs read the logits after (5, 6, 7); the others need (5, 6, 7, 9) and (11, 12)"
+    for pair, score in zip(pairs, together):
+        (alone,) = score_continuations(model, [pair], pad_id=0)
+        np.testing.assert_allclose(score.token_nll, alone.token_nll, rtol=1e-5, atol=1e-6)
+        assert score.token_correct.tolist() == alone.token_correct.tolist()
+        assert len(score.token_nll) == len(pair[1])
 
 
 def test_counterfact_rows_match_hand_computed_values(lm: BigramLM, tok) -> None:

@@ -64,8 +64,11 @@ def score_continuations(
 ) -> list[ContinuationScore]:
     """Score every (prefix ids, continuation ids) pair, ``batch_size`` sequences per forward pass.
 
-    Sequences are sorted by length so that batches carry little padding, right-padded, and read at
-    positions computed from each row's own prefix length (so the padding side never matters).
+    A pair needs the logits after prefix + continuation[:-1] only (the last token is predicted,
+    never fed), and pairs with the same such input share one row: a prompt scored against two
+    one-token targets (CounterFact's new and true objects, a choice task's options) costs one
+    sequence, not two. Rows are sorted by length so that batches carry little padding,
+    right-padded, and read at positions computed from each pair's own prefix length.
     """
     for i, (prefix, continuation) in enumerate(pairs):
         if not prefix or not continuation:
@@ -74,25 +77,30 @@ def score_continuations(
                 f"{len(continuation)}; both need at least one (check for empty prompts or targets)."
             )
     device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    users: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, continuation) in enumerate(pairs):
+        users.setdefault((*prefix, *continuation[:-1]), []).append(i)
+    inputs = sorted(users, key=len)
     results: list[ContinuationScore | None] = [None] * len(pairs)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = pad_right([list(pairs[i][0]) + list(pairs[i][1]) for i in chunk], pad_id).to(device)
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        batch = pad_right([list(ids) for ids in chunk], pad_id).to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        rows, positions, targets = [], [], []
-        for row, i in enumerate(chunk):
-            prefix, continuation = pairs[i]
-            rows += [row] * len(continuation)
-            positions += range(len(prefix) - 1, len(prefix) + len(continuation) - 1)
-            targets += continuation
+        rows, positions, targets, scored = [], [], [], []
+        for row, ids in enumerate(chunk):
+            for i in users[ids]:
+                prefix, continuation = pairs[i]
+                rows += [row] * len(continuation)
+                positions += range(len(prefix) - 1, len(prefix) + len(continuation) - 1)
+                targets += continuation
+                scored.append(i)
         selected = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)].float()
         target_ids = torch.tensor(targets, device=device)
         nll = -torch.log_softmax(selected, dim=-1).gather(1, target_ids[:, None])[:, 0]
         correct = selected.argmax(dim=-1) == target_ids
         nll_np, correct_np = nll.cpu().numpy(), correct.cpu().numpy()
         offset = 0
-        for i in chunk:
+        for i in scored:
             length = len(pairs[i][1])
             results[i] = ContinuationScore(nll_np[offset : offset + length], correct_np[offset : offset + length])
             offset += length
