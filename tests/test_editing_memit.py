@@ -15,9 +15,11 @@ from spectra.editing import (
 )
 from spectra.editing import stats as stats_module
 from spectra.editing.core import key_rows, keys_and_hidden, optimize_targets
+from spectra.editing.hooks import edit_hidden, record_block_output, replay_blocks
 from spectra.editing.memit import MemitEditor
 from spectra.editing.registry import EditorRegistry
 from spectra.errors import SpectraError
+from spectra.models.sites import Site
 
 
 def small_hparams(**overrides: object) -> MemitHParams:
@@ -200,6 +202,29 @@ def test_hparams_defaults_and_validation() -> None:
         MemitHParams(layers=(1,), revive_placement="before")
     with pytest.raises(SpectraError, match="NSE places a REVIVE filter after"):
         NseHParams.for_model("tiny", revive_placement="in_solve")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaying_the_lower_blocks_equals_running_them(family: str) -> None:
+    """The z optimisation's shortcut: blocks 0..L return a recorded output; logits and hooks are unchanged."""
+    model = tiny_model(family)
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]])
+    mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
+    shift = torch.randn(model.adapter.shape(Site(1, "mlp.down"))[0])
+    with torch.no_grad():
+        before = model.model(input_ids=ids, attention_mask=mask).logits
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + shift
+
+    with record_block_output(model, 1) as recorded, edit_hidden(model, 1, edit):
+        full = model.model(input_ids=ids, attention_mask=mask).logits
+    with replay_blocks(model, 1, recorded[0]), edit_hidden(model, 1, edit):
+        replayed = model.model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(replayed, full)
+    assert all("forward" not in model.adapter.block(i).__dict__ for i in range(2)), "blocks get their forward back"
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(input_ids=ids, attention_mask=mask).logits, before)
 
 
 def test_registry_is_lazy_and_rejects_duplicates() -> None:

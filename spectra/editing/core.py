@@ -10,7 +10,9 @@ from typing import Sequence
 import torch
 
 from spectra.data.records import EditRequest
-from spectra.editing.hooks import StopForward, capture_hidden, capture_inputs, edit_hidden, stop_after
+from spectra.editing.hooks import (
+    StopForward, capture_hidden, capture_inputs, edit_hidden, record_block_output, replay_blocks, stop_after,
+)
 from spectra.errors import SpectraError
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
@@ -230,6 +232,36 @@ def _z_rows(model: LoadedModel, requests: Sequence[EditRequest], templates: Sequ
     return rows
 
 
+class _LowerStates:
+    """Block ``layer``'s output for every z row, recorded in the first step and replayed after it.
+
+    Nothing up to the z layer depends on delta, so from the second step on blocks 0..layer need not
+    run (on the tiny model that is half the forward pass). Rows are right-padded, so each row's
+    states at its own positions do not depend on the batch it was computed in.
+    """
+
+    def __init__(self, model: LoadedModel, layer: int) -> None:
+        self.model = model
+        self.layer = layer
+        self.states: dict[int, torch.Tensor] = {}
+        self.template: object = None
+
+    def record(self, chunk: list[int], lengths: list[int], output: object) -> None:
+        """Keep each row's states (its real positions only) and one output as the form to rebuild."""
+        hidden = self.model.adapter.hidden_of(output).detach()
+        for i, r in enumerate(chunk):
+            self.states[r] = hidden[i, : lengths[i]]
+        self.template = output
+
+    def output_for(self, chunk: list[int], width: int) -> object:
+        """Block ``layer``'s output for a right-padded batch of ``chunk`` (zeros at padding)."""
+        first = self.states[chunk[0]]
+        hidden = first.new_zeros(len(chunk), width, first.shape[-1])
+        for i, r in enumerate(chunk):
+            hidden[i, : len(self.states[r])] = self.states[r]
+        return self.model.adapter.with_hidden(self.template, hidden)
+
+
 @dataclass(frozen=True)
 class ZSettings:
     """The z-optimisation knobs (a view of the MEMIT hyperparameters)."""
@@ -265,13 +297,14 @@ def optimize_targets(
     p0: dict[int, torch.Tensor] = {}
     active = set(range(n))
     losses = torch.zeros(n)
+    lower = _LowerStates(model, settings.layer)
     for step in range(settings.steps):
         optimizer.zero_grad()
         subset = [r for r in range(len(rows.ids)) if rows.owner[r] in active]
         finished: set[int] = set()
         for indices in chunk_by_owner([rows.owner[r] for r in subset], settings.batch_size):
             chunk = [subset[i] for i in indices]
-            per_request = _z_loss(model, rows, chunk, delta, h0, p0, settings, first=step == 0)
+            per_request = _z_loss(model, rows, chunk, delta, h0, p0, settings, lower, first=step == 0)
             for owner, value in per_request.items():
                 losses[owner] = float(value.detach())
             done = {o for o in per_request if losses[o] < settings.early_stop_loss}
@@ -299,9 +332,12 @@ def optimize_targets(
 
 def _z_loss(
     model: LoadedModel, rows: _ZRows, chunk: list[int], delta: torch.Tensor, h0: torch.Tensor,
-    p0: dict[int, torch.Tensor], settings: ZSettings, first: bool,
+    p0: dict[int, torch.Tensor], settings: ZSettings, lower: _LowerStates, first: bool,
 ) -> dict[int, torch.Tensor]:
-    """Per-request loss NLL + kl_factor * KL + weight_decay * ||delta|| / ||h0||^2 for the chunk's rows."""
+    """Per-request loss NLL + kl_factor * KL + weight_decay * ||delta|| / ||h0||^2 for the chunk's rows.
+
+    The first step runs the whole model and records the z layer's states; later steps replay them.
+    """
     device = model.device
     input_ids, mask = _forward(model, [rows.ids[r] for r in chunk])
     at = torch.arange(len(chunk), device=device)
@@ -316,8 +352,15 @@ def _z_loss(
         hidden[at, pos] = hidden[at, pos] + delta[owners].to(hidden.dtype)
         return hidden
 
-    with edit_hidden(model, settings.layer, add_delta):
+    with ExitStack() as stack:
+        if first:
+            recorded = stack.enter_context(record_block_output(model, settings.layer))
+        else:
+            stack.enter_context(replay_blocks(model, settings.layer, lower.output_for(chunk, input_ids.shape[1])))
+        stack.enter_context(edit_hidden(model, settings.layer, add_delta))
         logits = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    if first:
+        lower.record(chunk, [len(rows.ids[r]) for r in chunk], recorded[0])
     log_probs = torch.log_softmax(logits.float(), dim=-1)
 
     result: dict[int, torch.Tensor] = {}

@@ -74,3 +74,40 @@ def stop_after(model: LoadedModel, layer: int) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def record_block_output(model: LoadedModel, layer: int) -> Iterator[list[Any]]:
+    """Record block ``layer``'s raw outputs (in their own form: tensor or tuple), one per forward pass."""
+    outputs: list[Any] = []
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        outputs.append(output)
+
+    handle = model.adapter.block(layer).register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replay_blocks(model: LoadedModel, layer: int, output: Any) -> Iterator[None]:
+    """Blocks 0..``layer`` skip their computation: each returns ``output``, block ``layer``'s recorded output.
+
+    Only block ``layer``'s value reaches the rest of the model (each skipped block ignores its
+    input), so this equals a full forward pass whenever the recorded states came from the same
+    input ids and weights. Forward hooks on the blocks still run, so ``edit_hidden`` composes.
+    """
+    blocks = [model.adapter.block(i) for i in range(layer + 1)]
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for block, original in zip(blocks, saved):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original
