@@ -14,7 +14,7 @@ from spectra.editing import (
     IdentityFilter, KeyStatistics, MemitHParams, NseHParams, StatsCache, builtin_registry, make_editor, memit_solve,
 )
 from spectra.editing import stats as stats_module
-from spectra.editing.core import key_rows, keys_and_hidden, optimize_targets
+from spectra.editing.core import key_rows, keys_and_hidden, logits_at, optimize_targets
 from spectra.editing.hooks import edit_hidden, record_block_output, replay_blocks
 from spectra.editing.memit import MemitEditor
 from spectra.editing.registry import EditorRegistry
@@ -225,6 +225,17 @@ def test_replaying_the_lower_blocks_equals_running_them(family: str) -> None:
     assert all("forward" not in model.adapter.block(i).__dict__ for i in range(2)), "blocks get their forward back"
     with torch.no_grad():
         torch.testing.assert_close(model.model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_at_positions_equal_the_full_logits_there(family: str) -> None:
+    model = tiny_model(family)
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]])
+    mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
+    with torch.no_grad():
+        full = model.model(input_ids=ids, attention_mask=mask).logits
+        picked = logits_at(model, ids, mask, [[0, 3, 4], [2]])
+    torch.testing.assert_close(picked, torch.stack([full[0, 0], full[0, 3], full[0, 4], full[1, 2]]))
 
 
 def test_registry_is_lazy_and_rejects_duplicates() -> None:

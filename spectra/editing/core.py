@@ -330,6 +330,19 @@ def optimize_targets(
     return (h0 + delta.detach()).T.contiguous()
 
 
+def logits_at(model: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Logits (sum of len(positions[i]), vocab) at the given positions of each row, in row order.
+
+    The LM head runs on the base model's last hidden states at those positions only: a full
+    (batch, length, vocab) logit tensor costs more than the blocks on a small model and gigabytes
+    on a 128k-vocabulary one. The families spectra adapts all have a plain linear head.
+    """
+    hidden = model.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    rows = torch.tensor([i for i, row in enumerate(positions) for _ in row], device=hidden.device)
+    columns = torch.tensor([p for row in positions for p in row], device=hidden.device)
+    return model.model.get_output_embeddings()(hidden[rows, columns])
+
+
 def _z_loss(
     model: LoadedModel, rows: _ZRows, chunk: list[int], delta: torch.Tensor, h0: torch.Tensor,
     p0: dict[int, torch.Tensor], settings: ZSettings, lower: _LowerStates, first: bool,
@@ -358,25 +371,28 @@ def _z_loss(
         else:
             stack.enter_context(replay_blocks(model, settings.layer, lower.output_for(chunk, input_ids.shape[1])))
         stack.enter_context(edit_hidden(model, settings.layer, add_delta))
-        logits = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        # The KL row is read at its lookup position, a rewriting row where it predicts the target.
+        read = [[rows.lookup[r]] if rows.is_kl[r] else rows.target_pos[r] for r in chunk]
+        log_probs = torch.log_softmax(logits_at(model, input_ids, mask, read).float(), dim=-1)
     if first:
         lower.record(chunk, [len(rows.ids[r]) for r in chunk], recorded[0])
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
 
     result: dict[int, torch.Tensor] = {}
     nll_sum: dict[int, list[torch.Tensor]] = {}
-    for i, r in enumerate(chunk):
+    start = 0
+    for r, positions in zip(chunk, read):
         owner = rows.owner[r]
+        span = log_probs[start : start + len(positions)]
+        start += len(positions)
         if rows.is_kl[r]:
-            current = log_probs[i, rows.lookup[r]]
+            current = span[0]
             if first:
                 p0[owner] = current.detach()
             kl = torch.sum(current.exp() * (current - p0[owner]))
             result[owner] = result.get(owner, 0.0) + settings.kl_factor * kl
         else:
-            tpos = torch.tensor(rows.target_pos[r], device=device)
             tids = torch.tensor(rows.target_ids[r], device=device)
-            nll_sum.setdefault(owner, []).append(-log_probs[i, tpos, tids].mean())
+            nll_sum.setdefault(owner, []).append(-span.gather(1, tids[:, None]).mean())
     for owner, parts in nll_sum.items():
         decay = settings.weight_decay * delta[owner].norm() / h0[owner].norm().clamp_min(1e-12) ** 2
         result[owner] = result.get(owner, 0.0) + torch.stack(parts).mean() + decay
