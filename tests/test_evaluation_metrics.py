@@ -15,7 +15,9 @@ from fixtures.fake_lm import WORDS, BigramLM, word_tokenizer
 from spectra.data.counterfact import load_counterfact
 from spectra.data.zsre import load_zsre
 from spectra.evaluation.consistency import fit_tfidf
-from spectra.evaluation.counterfact import GenerationOptions, evaluate_counterfact, prepare_counterfact
+from spectra.evaluation.counterfact import (
+    CounterFactPlan, GenerationOptions, counterfact_rows, evaluate_counterfact, prepare_counterfact,
+)
 from spectra.evaluation.general import GeneralAbility, choice_nlls, classification_metrics
 from spectra.evaluation.rows import ROW_COLUMNS, aggregate, row, summarize
 from spectra.evaluation.scoring import encode_pairs, score_continuations
@@ -73,6 +75,16 @@ def test_scorer_shares_inputs_and_matches_scoring_each_pair_alone() -> None:
         np.testing.assert_allclose(score.token_nll, alone.token_nll, rtol=1e-5, atol=1e-6)
         assert score.token_correct.tolist() == alone.token_correct.tolist()
         assert len(score.token_nll) == len(pair[1])
+
+
+def test_per_record_plans_concatenate_to_the_plan_of_all_records(lm: BigramLM, tok) -> None:
+    records = load_counterfact(FIXTURES / "counterfact_small.json")
+    whole = prepare_counterfact(tok, records)
+    joined = CounterFactPlan.concat([prepare_counterfact(tok, [record]) for record in records])
+    assert joined == whole
+    assert counterfact_rows(lm, joined) == counterfact_rows(lm, whole)
+    with pytest.raises(SpectraError, match="at least one"):
+        CounterFactPlan.concat([])
 
 
 def test_counterfact_rows_match_hand_computed_values(lm: BigramLM, tok) -> None:

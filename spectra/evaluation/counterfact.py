@@ -42,6 +42,16 @@ class CounterFactPlan:
     true: tuple[tuple[list[int], list[int]], ...]
     pad_id: int
 
+    @staticmethod
+    def concat(plans: Sequence["CounterFactPlan"]) -> "CounterFactPlan":
+        """One plan scoring every pair of ``plans`` in order (per-record plans prepared once, reused)."""
+        if not plans:
+            raise SpectraError("Nothing to score: give at least one CounterFact plan.")
+        return CounterFactPlan(
+            tuple(ref for plan in plans for ref in plan.refs), tuple(pair for plan in plans for pair in plan.new),
+            tuple(pair for plan in plans for pair in plan.true), plans[0].pad_id,
+        )
+
 
 def _prompts(record: Mapping[str, Any]) -> list[tuple[str, int, str]]:
     """(kind, index, text) of a record's rewrite, paraphrase and neighbourhood prompts."""

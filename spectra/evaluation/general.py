@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +15,21 @@ from spectra.data.records import MultipleChoiceItem
 from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
 
 
+def choice_pairs(tokenizer: object, items: Sequence[MultipleChoiceItem]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, " " + choice ids) for every choice of every item, in order."""
+    return encode_pairs(tokenizer, [(item.prompt, choice) for item in items for choice in item.choices])
+
+
 def choice_nlls(
-    model: nn.Module, tokenizer: object, items: Sequence[MultipleChoiceItem], batch_size: int = 128
+    model: nn.Module, tokenizer: object, items: Sequence[MultipleChoiceItem], batch_size: int = 128,
+    pairs: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> list[list[float]]:
-    """Mean NLL of " " + choice after each item's prompt, for every choice, all items in shared batches."""
-    texts = [(item.prompt, choice) for item in items for choice in item.choices]
-    scores = score_continuations(model, encode_pairs(tokenizer, texts), pad_id_of(tokenizer), batch_size)
+    """Mean NLL of " " + choice after each item's prompt, for every choice, all items in shared batches.
+
+    ``pairs`` are the items' ``choice_pairs``, when the caller has them already.
+    """
+    pairs = choice_pairs(tokenizer, items) if pairs is None else pairs
+    scores = score_continuations(model, pairs, pad_id_of(tokenizer), batch_size)
     nlls, offset = [], 0
     for item in items:
         nlls.append([s.mean_nll for s in scores[offset : offset + len(item.choices)]])
@@ -29,10 +38,11 @@ def choice_nlls(
 
 
 def predict(
-    model: nn.Module, tokenizer: object, items: Sequence[MultipleChoiceItem], batch_size: int = 128
+    model: nn.Module, tokenizer: object, items: Sequence[MultipleChoiceItem], batch_size: int = 128,
+    pairs: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> list[int]:
     """The index of each item's most likely choice (lowest mean NLL; the first one on ties)."""
-    return [int(np.argmin(nll)) for nll in choice_nlls(model, tokenizer, items, batch_size)]
+    return [int(np.argmin(nll)) for nll in choice_nlls(model, tokenizer, items, batch_size, pairs)]
 
 
 def classification_metrics(gold: Sequence[int], predicted: Sequence[int], n_choices: int) -> dict[str, float]:
@@ -61,10 +71,16 @@ class GeneralAbility:
 
     items: Mapping[str, Sequence[MultipleChoiceItem]]
     batch_size: int = 128
+    #: the items' token ids per tokenizer: the edit loop scores the same items every round
+    _encoded: dict[int, tuple[object, list[tuple[list[int], list[int]]]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, model: nn.Module, tokenizer: object) -> dict[str, dict[str, float]]:
         everything = [item for name in self.items for item in self.items[name]]
-        predictions = predict(model, tokenizer, everything, self.batch_size)
+        if id(tokenizer) not in self._encoded:
+            self._encoded[id(tokenizer)] = (tokenizer, choice_pairs(tokenizer, everything))
+        pairs = self._encoded[id(tokenizer)][1]
+        predictions = predict(model, tokenizer, everything, self.batch_size, pairs)
         results, offset = {}, 0
         for name, items in self.items.items():
             if not items:

@@ -16,7 +16,7 @@ from spectra.editing.filters import IdentityFilter, ReviveFilter, SiteFilter
 from spectra.editing.hparams import KNOWN_MODELS
 from spectra.editing.loop import Arm, EditLoop, RoundRecord, resume_point
 from spectra.errors import SpectraError
-from spectra.evaluation.counterfact import evaluate_counterfact
+from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, prepare_counterfact
 from spectra.evaluation.general import GeneralAbility
 from spectra.evaluation.representations import hidden_states, joint_tsne, shift_metrics
 from spectra.evaluation.rows import aggregate
@@ -155,6 +155,7 @@ class EditMetrics:
         self.batch_size = batch_size
         self.sample = sample
         self.seed = seed
+        self.plans: dict[int, CounterFactPlan] = {}  # by case_id: every round re-scores the same prompts
 
     def chosen(self, round: int) -> list[dict]:
         """The records evaluated after ``round`` (the same in every arm)."""
@@ -164,7 +165,11 @@ class EditMetrics:
         return random.Random(self.seed * 1_000_003 + round).sample(pool, self.sample)
 
     def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord:
-        rows = evaluate_counterfact(model.model, model.tokenizer, self.chosen(round))
+        records = self.chosen(round)
+        for record in records:
+            if record["case_id"] not in self.plans:
+                self.plans[record["case_id"]] = prepare_counterfact(model.tokenizer, [record])
+        rows = counterfact_rows(model.model, CounterFactPlan.concat([self.plans[r["case_id"]] for r in records]))
         values = aggregate(rows)
         context = {"arm": arm.name, "tau": arm.tau, "round": round}
         return RoundRecord(rows=[{**context, "metric": EDIT_METRIC_NAMES[name], "value": value}
