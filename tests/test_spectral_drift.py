@@ -11,7 +11,9 @@ from spectra.spectral import (
     ls,
     matrix_with_singular_values,
     spectrum_table,
+    ReviveProjector,
     ss,
+    ss_best_match,
     ss_summary,
     svd,
 )
@@ -113,6 +115,26 @@ def test_ss_summary_of_identity_and_of_a_permutation() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"side": "up"}, "side"), ({"k": 0}, "k must"), ({"k": 61}, "k must")])
+def test_ss_best_match_sees_intact_triplets_that_lost_their_rank() -> None:
+    """A REVIVE-filtered update 10x larger than W keeps W's top-k triplets, but below the update's."""
+    W = random_matrix(40, 50)
+    gen = torch.Generator().manual_seed(3)
+    projector = ReviveProjector(svd(W), tau=0.3)
+    k = projector.k
+    raw = torch.randn(40, 50, generator=gen)
+    safe = projector(raw)
+    for delta in (safe, raw):
+        delta.mul_(10 * float(W.norm()) / float(delta.norm()))
+    kept, damaged = W + safe, W + raw
+    for side in ("right", "left"):
+        assert ss_best_match(W, kept, k, side=side) > 0.999
+        assert float(torch.diagonal(ss(W, kept, k=k, side=side)[:, :k]).min()) < 0.5, "rank order is lost"
+        assert ss_best_match(W, damaged, k, side=side) < 0.9
+    assert ss_best_match(W, W, 40) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(SpectraError, match="k must lie"):
+        ss_best_match(W, kept, 0)
+
+
 def test_ss_bad_arguments(kwargs: dict[str, object], match: str) -> None:
     """Unknown sides and k outside 1..r raise SpectraError."""
     W = random_matrix()

@@ -27,7 +27,9 @@ from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
 from spectra.models.tiny import WORLD_FILES
 from spectra.results import create_run, resume_run, ss_key
-from spectra.spectral import ReviveProjector, Spectrum, drift_stats, ls, rank_for_energy, relative_change_rate, ss, ss_summary, svd
+from spectra.spectral import (
+    ReviveProjector, Spectrum, drift_stats, ls, rank_for_energy, relative_change_rate, ss, ss_best_match, ss_summary, svd,
+)
 
 #: Reference metric names -> the names the paper's figures use.
 EDIT_METRIC_NAMES = {
@@ -118,6 +120,8 @@ class SpectralDrift:
                     record.rows.append({**context, "side": side, "metric": f"SS_{name}", "value": value})
                 diag = torch.diagonal(matrix[:protected, :protected])
                 record.rows.append({**context, "side": side, "metric": "SS_protected_diag_min", "value": float(diag.min())})
+                record.rows.append({**context, "side": side, "metric": "SS_protected_match_min",
+                                    "value": ss_best_match(s0, st, protected, side)})
                 if keep_matrices:
                     record.tensors[ss_key(side, arm.name, round, str(site))] = matrix[:k].float()
             record.rows.append({**context, "metric": "protected_triplet_residual",

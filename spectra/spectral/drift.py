@@ -78,6 +78,19 @@ def ss(
     return (st.U[:, :k].T.to(s0.U) @ s0.U).abs()
 
 
+def ss_best_match(W0: MatrixOrSpectrum, Wt: MatrixOrSpectrum, k: int, side: Side = "right") -> float:
+    """min over W0's top-k singular vectors of their best |cos| with ANY singular vector of Wt.
+
+    The SS diagonal asks that W0's i-th vector still be Wt's i-th; this asks only that it still be
+    one of Wt's singular vectors, at any rank. It stays 1 when an update larger than W0 pushes
+    intact triplets down the spectrum, where the diagonal drops to about 0.
+    """
+    s0, st = as_spectrum(W0, "the original matrix"), as_spectrum(Wt, "the edited matrix")
+    if not 1 <= k <= s0.rank:
+        raise SpectraError(f"k must lie in 1..{s0.rank} (the original's singular vectors), got {k}.")
+    return float(ss(s0, st, k=st.rank, side=side)[:, :k].max(dim=0).values.min())
+
+
 def ss_summary(matrix: torch.Tensor) -> dict[str, float]:
     """Scalar summaries of an SS matrix (k, r), the numbers one tracks per editing round.
 
