@@ -179,6 +179,33 @@ def sensitivity(
 
 @app.command()
 @friendly_errors
+def trace(
+    model: str = MODEL,
+    dataset: str = typer.Option("auto", help="CounterFact-format facts to trace: tiny, counterfact, mcf, cf or a path "
+                                "[default: the tiny world for the tiny model, else counterfact]."),
+    facts: int = typer.Option(30, help="Facts traced (a seeded sample of the dataset)."),
+    noise: float = typer.Option(3.0, help="Noise on the subject's embeddings, in stds of the embedding matrix."),
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+) -> None:
+    """Causal trace (ROME): which blocks hold facts at the subject's last token, and where they are read out."""
+    from spectra.experiments.probes import TraceConfig, run_trace
+
+    config = TraceConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
+                         dataset=dataset, facts=facts, noise=noise)
+    path = run_trace(config)
+    from spectra.results import load_run
+
+    rows = load_run(path).rows
+    restored = rows.dropna(subset=["layer"]).astype({"layer": int})
+    console.print("P(true object) with block L's output restored (columns: L)")
+    console.print(restored.pivot_table(index="position", columns="layer", values="value").round(3).to_string())
+    baselines = rows[rows["layer"].isna()].set_index("position")["value"]
+    console.print(f"clean {baselines['clean']:.3f}   corrupted {baselines['corrupted']:.3f}")
+    console.print(f"run directory: {path}")
+
+
+@app.command()
+@friendly_errors
 def drift(
     model: str = MODEL,
     editor: str = typer.Option("memit", help="memit, alphaedit, rect, prune or nse."),

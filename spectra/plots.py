@@ -292,6 +292,32 @@ def tau_sweep(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: i
     return fig
 
 
+def causal_trace_curve(rows: pd.DataFrame) -> Figure:
+    """P(true object) per layer with one clean state restored, a line per token position (ROME Fig. 1).
+
+    Dashed lines mark the clean and the corrupted run: a restored state that climbs to the clean
+    line carries the fact at that layer and position.
+    """
+    data = _select(rows, "trace_probability", ("position",), "the causal trace")
+    curves = data.dropna(subset=["layer"])
+    if curves.empty:
+        raise NoData(_missing("the causal trace", ("trace_probability",), ("position", "layer"), rows))
+    positions = _ordered(curves["position"].unique(), ("subject_last", "last"))
+    colors = dict(zip(positions, sns.color_palette("colorblind", len(positions))))
+    with style():
+        fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        _lines(ax, curves, "layer", "position", "range", colors)
+        for name, shade in (("clean", "0.2"), ("corrupted", "0.6")):
+            baseline = data[data["position"] == name]["value"]
+            if len(baseline):
+                ax.axhline(float(baseline.mean()), color=shade, ls="--", lw=1, label=name)
+        ax.set(xlabel="block whose output is restored", ylabel="P(true object)", title="Causal trace")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    return fig
+
+
 def energy_spectrum(rows: pd.DataFrame) -> Figure:
     """Size of the protected subspace per tau: k / rank (and k) per site, one panel per metric present."""
     data = _select(rows, ENERGY_METRICS, ("tau",), "the energy spectrum")
@@ -352,6 +378,7 @@ def plot_run(run_dir: Path, ss_rounds: int = 10, formats: Sequence[str] = FORMAT
         ("concentration", concentration_curve), ("sensitivity", sensitivity_by_group),
         ("edit_metrics", edit_metrics_by_round), ("ls", ls_by_round), ("norm_growth", norm_growth),
         ("tsne", tsne_scatter), ("tau_sweep", tau_sweep), ("energy_spectrum", energy_spectrum),
+        ("causal_trace", causal_trace_curve),
     )
     for name, draw in drawers:
         try:

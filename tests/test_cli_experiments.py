@@ -27,11 +27,23 @@ def run_dir_of(output: str) -> Path:
 
 def test_models_and_help_list_every_command():
     result = invoke("--help")
-    for command in ("models", "spectrum", "concentration", "sensitivity", "drift", "plot", "data", "train-tiny"):
+    for command in ("models", "spectrum", "concentration", "sensitivity", "trace", "drift", "plot", "data", "train-tiny"):
         assert command in result.output
     drift_help = " ".join(invoke("drift", "--help").output.split())
     assert "[default: runs/<time>-<command>]" in drift_help, "option defaults must show in --help"
     assert "tiny" in invoke("models").output
+
+
+def test_trace_writes_a_restoration_curve_per_position(world_model, tmp_path):
+    out = tmp_path / "trace"
+    result = invoke("trace", "--model", str(world_model), "--facts", "4", "--out", str(out))
+    assert "clean" in result.output and "subject_last" in result.output
+    rows = load_run(out).rows
+    curves = rows.dropna(subset=["layer"])
+    assert set(curves["position"]) == {"subject_last", "last"} and curves["layer"].nunique() == 4
+    assert (out / "figures" / "causal_trace.png").exists()
+    bad = runner.invoke(app, ["trace", "--model", str(world_model), "--facts", "0"])
+    assert bad.exit_code == 2 and "--facts must be at least 1" in bad.output
 
 
 def test_spectrum_writes_rows_for_every_site(world_model, tmp_path):

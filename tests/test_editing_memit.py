@@ -15,7 +15,7 @@ from spectra.editing import (
 )
 from spectra.editing import stats as stats_module
 from spectra.editing.core import key_rows, keys_and_hidden, logits_at, optimize_targets
-from spectra.editing.hooks import edit_hidden, record_block_output, replay_blocks
+from spectra.models.hooks import edit_hidden, record_block_output, replay_blocks
 from spectra.editing.memit import MemitEditor
 from spectra.editing.registry import EditorRegistry
 from spectra.errors import SpectraError

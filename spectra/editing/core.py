@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from spectra.data.records import EditRequest
-from spectra.editing.hooks import (
+from spectra.models.hooks import (
     StopForward, capture_hidden, capture_inputs, edit_hidden, record_block_output, replay_blocks, stop_after,
 )
 from spectra.errors import SpectraError

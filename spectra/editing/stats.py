@@ -15,7 +15,7 @@ import torch
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
-from spectra.editing.hooks import StopForward, capture_inputs, stop_after
+from spectra.models.hooks import StopForward, capture_inputs, stop_after
 from spectra.errors import SpectraError
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site

@@ -1,4 +1,5 @@
-"""Where general ability lives in the spectrum: ``spectrum``, ``concentration`` and ``sensitivity`` (paper Sec. 2.2).
+"""Where general ability lives in the spectrum: ``spectrum``, ``concentration`` and ``sensitivity`` (paper Sec. 2.2),
+and where facts live along the layers: ``trace`` (causal tracing, which picks an editor's layers).
 
 Each probe changes the chosen sites, measures general ability, and restores the original weights
 bit for bit before the next change (checked, not assumed).
@@ -6,17 +7,21 @@ bit for bit before the next change (checked, not assumed).
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from contextlib import contextmanager
 
+from spectra.data.datasets import resolve_dataset
 from spectra.errors import SpectraError
 from spectra.evaluation.general import GeneralAbility
+from spectra.evaluation.tracing import causal_trace
 from spectra.experiments.common import (
-    CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, general_ability, open_model,
+    CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, default_dataset, general_ability,
+    open_model,
 )
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
@@ -190,6 +195,35 @@ def run_sensitivity(config: SensitivityConfig, progress: bool = True) -> Path:
         if scores is not None:
             writer.add_rows(ability_rows(scores, experiment="sensitivity", side=side, group=group, seed=seed,
                                          eps=config.eps, baseline=False))
+    return _finish(writer)
+
+
+@dataclass
+class TraceConfig(CommonOptions):
+    """Options of ``spectra trace``."""
+
+    dataset: str = "auto"
+    facts: int = 30
+    noise: float = 3.0
+
+    def validate(self) -> None:
+        if self.facts < 1:
+            raise SpectraError(f"--facts must be at least 1; got {self.facts}.")
+        if self.noise <= 0:
+            raise SpectraError(f"--noise must be positive (a multiple of the embeddings' std); got {self.noise}.")
+
+
+def run_trace(config: TraceConfig) -> Path:
+    """Causal trace of a seeded sample of facts the model knows: P(true object) with one state restored."""
+    config.validate()
+    model = open_model(config)
+    dataset = default_dataset(model) if config.dataset == "auto" else config.dataset
+    _, records = resolve_dataset(dataset, model_name=config.model)
+    chosen = random.Random(config.seed).sample(records, min(config.facts, len(records)))
+    trace = causal_trace(model, chosen, noise_scale=config.noise, seed=config.seed)
+    writer = create_run("trace", config, out=config.out)
+    writer.add_rows([{"experiment": "trace", "metric": "trace_probability", "position": row["position"],
+                      "layer": row["layer"], "value": row["probability"]} for row in trace.rows()])
     return _finish(writer)
 
 

@@ -1,4 +1,7 @@
-"""Forward hooks the editors need: capture keys and block outputs, inject deltas, stop early."""
+"""Forward hooks on a loaded model: capture keys and block outputs, replace them, replay them, stop early.
+
+Editors use them to read keys and inject z; causal tracing to corrupt and restore states.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +56,20 @@ def edit_hidden(model: LoadedModel, layer: int, edit: Callable[[torch.Tensor], t
         return model.adapter.with_hidden(output, edit(model.adapter.hidden_of(output)))
 
     handle = model.adapter.block(layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_embeddings(model: LoadedModel, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the input embeddings' output (batch, length, d) by ``edit(output)`` during the forward pass."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return edit(output)
+
+    handle = model.model.get_input_embeddings().register_forward_hook(hook)
     try:
         yield
     finally:
