@@ -114,7 +114,6 @@ def test_ss_summary_of_identity_and_of_a_permutation() -> None:
     assert summary["subspace_overlap"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"side": "up"}, "side"), ({"k": 0}, "k must"), ({"k": 61}, "k must")])
 def test_ss_best_match_sees_intact_triplets_that_lost_their_rank() -> None:
     """A REVIVE-filtered update 10x larger than W keeps W's top-k triplets, but below the update's."""
     W = random_matrix(40, 50)
@@ -135,6 +134,7 @@ def test_ss_best_match_sees_intact_triplets_that_lost_their_rank() -> None:
         ss_best_match(W, kept, 0)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [({"side": "up"}, "side"), ({"k": 0}, "k must"), ({"k": 61}, "k must")])
 def test_ss_bad_arguments(kwargs: dict[str, object], match: str) -> None:
     """Unknown sides and k outside 1..r raise SpectraError."""
     W = random_matrix()
