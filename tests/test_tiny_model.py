@@ -45,11 +45,6 @@ def test_shipped_model_recalls_its_facts(shipped, world):
     assert next_token_recall(shipped.model, shipped.tokenizer, heldout) >= 0.80
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="entailment (binding a colour to the asked item) stays at chance (48 %) after 3,000 steps; sentiment, "
-    "agreement and paraphrase are at 100 % (see README and issue 2).",
-)
 def test_shipped_model_has_general_abilities(shipped):
     scores = GeneralAbility.from_file(tiny_model_dir() / WORLD_FILES["general"])(shipped.model, shipped.tokenizer)
     assert set(scores) == set(tiny_world.TASKS)

@@ -87,15 +87,19 @@ _PARA_SYNONYMS = [("big", "large"), ("small", "little"), ("quick", "fast"), ("ha
 _PARA_NOUNS = ["man", "woman", "boy", "girl", "dog", "cat", "king", "queen", "bird", "horse"]
 _PARA_VERBS = ["saw", "found", "helped", "followed", "called", "visited"]
 _ENT_NAMES = ["tom", "anna", "mark", "lucy", "omar", "nina", "paul", "sara", "ivan", "mia"]
-_ENT_COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "purple"]
-_ENT_ITEMS = ["car", "hat", "coat", "bag", "boat", "lamp", "kite", "cup"]
+_ENT_VERBS = ["saw", "found", "drew", "bought", "painted", "liked"]
+_ENT_HYPERNYMS = {
+    "animal": ("cow", "sheep", "goat", "pig"), "fruit": ("apple", "pear", "plum", "peach"),
+    "tool": ("hammer", "drill", "axe", "wrench"), "vehicle": ("bus", "truck", "van", "tractor"),
+    "flower": ("rose", "tulip", "lily", "daisy"), "tree": ("oak", "pine", "elm", "birch"),
+}
 
 #: The four general tasks, each a two-way choice whose chance level is 50 %.
 TASKS: dict[str, str] = {
     "sentiment": "review polarity: positive or negative (SST-2-like)",
     "agreement": "grammatical minimal pair: the verb form that agrees with the head noun, across attractors (BLiMP/CoLA-like)",
     "paraphrase": "the word that keeps the second sentence a paraphrase of the first: synonym vs another adjective (MRPC-like)",
-    "entailment": "the hypothesis the premise entails: the colour bound to the asked item vs the other item's (RTE-like)",
+    "entailment": "the hypothesis the premise entails: the hypernym of the thing it names vs another one (RTE-like lexical entailment)",
 }
 
 
@@ -282,13 +286,12 @@ def _paraphrase(rng: random.Random, gold: int) -> _TaskDraft:
 
 
 def _entailment(rng: random.Random, gold: int) -> _TaskDraft:
-    """Premise binds two colours to two items; the entailed hypothesis names the asked item's colour."""
-    name = rng.choice(_ENT_NAMES)
-    item, other_item = rng.sample(_ENT_ITEMS, 2)
-    color, other_color = rng.sample(_ENT_COLORS, 2)
-    first, second = ((color, item), (other_color, other_item)) if rng.random() < 0.5 else ((other_color, other_item), (color, item))
-    prompt = f"premise : {name} has a {first[0]} {first[1]} and a {second[0]} {second[1]} . hypothesis : the {item} of {name} is"
-    return _TaskDraft(prompt, _ordered(color, other_color, gold), gold)
+    """Upward entailment: "X saw the old apple" entails "X saw the fruit", not "X saw the tool"."""
+    name, verb, adjective = rng.choice(_ENT_NAMES), rng.choice(_ENT_VERBS), rng.choice(_AGR_ADJECTIVES)
+    hypernym, other = rng.sample(sorted(_ENT_HYPERNYMS), 2)
+    thing = rng.choice(_ENT_HYPERNYMS[hypernym])
+    prompt = f"premise : {name} {verb} the {adjective} {thing} . hypothesis : {name} {verb} the"
+    return _TaskDraft(prompt, _ordered(hypernym, other, gold), gold)
 
 
 # -- edit sets -----------------------------------------------------------------------------------
