@@ -25,7 +25,7 @@ KNOWN_MODELS: tuple[str, ...] = ("tiny", "gpt2-xl", "gpt-j", "llama3")
 #: - two context templates of 6 tokens: a round of 100 edits takes about 14 s on 2 CPU cores.
 _MEMIT_FAMILY: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        layers=(0, 1, 2), v_num_grad_steps=25, v_lr=4.0, v_weight_decay=0.5, clamp_norm_factor=4.0,
+        layers=(0, 1, 2), v_num_grad_steps=20, v_lr=5.0, v_weight_decay=0.5, clamp_norm_factor=4.0,
         kl_factor=0.0625, mom2_update_weight=100.0, ridge=1e-3, mom2_n_samples=6000, max_length=128,
         context_prompts=("the", "it"), context_length=6,
     ),
@@ -153,7 +153,7 @@ class AlphaEditHParams(MemitHParams):
     #: success 86 / 88 / 89 % (REVIVE tau 0.1 after the solve: 89 / 88 / 91 % and 84 / 86 / 87 %).
     per_model: ClassVar[dict[str, dict[str, Any]]] = {
         m: dict(nullspace_threshold=2e-2, l2=10.0) for m in KNOWN_MODELS
-    } | {"tiny": dict(nullspace_threshold=0.5, l2=3.0)}
+    } | {"tiny": dict(nullspace_threshold=0.5, l2=1.5)}
 
     nullspace_threshold: float = _help(
         "Eigenvalues of the MEAN covariance C below this span the null space P (absolute threshold).", 2e-2)
