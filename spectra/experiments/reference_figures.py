@@ -1,6 +1,6 @@
 """Regenerate the README's reference figures of the embedded model: ``python -m spectra.experiments.reference_figures DIR``.
 
-Runs the four experiments with their defaults on the embedded tiny model (each into its own run
+Runs the experiments with their defaults on the embedded tiny model (each into its own run
 directory under ``DIR/runs``) and copies the figures the README shows to ``DIR/<name>.png``.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from spectra.experiments.drift import DriftConfig, run_drift
 from spectra.experiments.probes import ConcentrationConfig, SensitivityConfig, SpectrumConfig, run_concentration
-from spectra.experiments.probes import run_sensitivity, run_spectrum
+from spectra.experiments.probes import TraceConfig, run_sensitivity, run_spectrum, run_trace
 
 #: README figure name -> (experiment, figure file inside the run's figures/)
 SHOWN = {
@@ -24,6 +24,7 @@ SHOWN = {
     "drift_norms": ("drift", "norm_growth.png"),
     "drift_tsne": ("drift", "tsne.png"),
     "tau_sweep": ("sweep", "tau_sweep.png"),
+    "causal_trace": ("trace", "causal_trace.png"),
 }
 
 
@@ -37,6 +38,7 @@ def regenerate(target: Path) -> dict[str, Path]:
         "spectrum": run_spectrum(SpectrumConfig(out=runs / "spectrum", sites="mlp.up,mlp.gate,mlp.down"))[0],
         "concentration": run_concentration(ConcentrationConfig(out=runs / "concentration")),
         "sensitivity": run_sensitivity(SensitivityConfig(out=runs / "sensitivity")),
+        "trace": run_trace(TraceConfig(out=runs / "trace")),
         "drift": run_drift(DriftConfig(out=runs / "drift", tsne=True)),
         "sweep": run_drift(DriftConfig(out=runs / "sweep", rounds=5, batch_size=50, tau=[0.05, 0.1, 0.2, 0.3],
                                        represent_prompts=0)),
