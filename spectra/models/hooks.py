@@ -34,6 +34,16 @@ def capture_inputs(model: LoadedModel, layers: Sequence[int]) -> Iterator[dict[i
 
 
 @contextmanager
+def _forward_hook(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator[None]:
+    """``hook`` registered as ``module``'s forward hook for the duration of the block."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def capture_hidden(model: LoadedModel, layer: int) -> Iterator[dict[int, torch.Tensor]]:
     """Record block ``layer``'s hidden-state output (tuple or bare tensor, by version)."""
     captured: dict[int, torch.Tensor] = {}
@@ -41,11 +51,8 @@ def capture_hidden(model: LoadedModel, layer: int) -> Iterator[dict[int, torch.T
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         captured[layer] = model.adapter.hidden_of(output).detach()
 
-    handle = model.adapter.block(layer).register_forward_hook(hook)
-    try:
+    with _forward_hook(model.adapter.block(layer), hook):
         yield captured
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -55,11 +62,8 @@ def edit_hidden(model: LoadedModel, layer: int, edit: Callable[[torch.Tensor], t
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return model.adapter.with_hidden(output, edit(model.adapter.hidden_of(output)))
 
-    handle = model.adapter.block(layer).register_forward_hook(hook)
-    try:
+    with _forward_hook(model.adapter.block(layer), hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -69,11 +73,8 @@ def edit_embeddings(model: LoadedModel, edit: Callable[[torch.Tensor], torch.Ten
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return edit(output)
 
-    handle = model.model.get_input_embeddings().register_forward_hook(hook)
-    try:
+    with _forward_hook(model.model.get_input_embeddings(), hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -86,11 +87,8 @@ def stop_after(model: LoadedModel, layer: int) -> Iterator[None]:
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         raise StopForward
 
-    handle = model.adapter.block(layer).register_forward_hook(hook)
-    try:
+    with _forward_hook(model.adapter.block(layer), hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -101,11 +99,8 @@ def record_block_output(model: LoadedModel, layer: int) -> Iterator[list[Any]]:
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         outputs.append(output)
 
-    handle = model.adapter.block(layer).register_forward_hook(hook)
-    try:
+    with _forward_hook(model.adapter.block(layer), hook):
         yield outputs
-    finally:
-        handle.remove()
 
 
 @contextmanager
