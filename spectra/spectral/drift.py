@@ -85,10 +85,9 @@ def ss_best_match(W0: MatrixOrSpectrum, Wt: MatrixOrSpectrum, k: int, side: Side
     one of Wt's singular vectors, at any rank. It stays 1 when an update larger than W0 pushes
     intact triplets down the spectrum, where the diagonal drops to about 0.
     """
-    s0, st = as_spectrum(W0, "the original matrix"), as_spectrum(Wt, "the edited matrix")
-    if not 1 <= k <= s0.rank:
-        raise SpectraError(f"k must lie in 1..{s0.rank} (the original's singular vectors), got {k}.")
-    return float(ss(s0, st, k=st.rank, side=side)[:, :k].max(dim=0).values.min())
+    # ss with the roles swapped: row i holds W0's i-th vector against every vector of Wt, so only
+    # k rows are formed (a k x r product, not r x r).
+    return float(ss(Wt, W0, k=k, side=side).max(dim=1).values.min())
 
 
 def ss_summary(matrix: torch.Tensor) -> dict[str, float]:
