@@ -174,6 +174,11 @@ class RectHParams(MemitHParams):
 
     keep_percent: float = _help("Percent of entries of each update kept, by |Delta| / (|W| + eps) (AlphaEdit repo: 40).", 40.0)
     eps: float = _help("Added to |W| in the relative change, so zero weights do not divide by zero.", 1e-8)
+    mask_schedule: str = _help(
+        "'end': solve every layer unmasked, then mask each update once before writing it, keeping "
+        "N - int(N (100 - keep_percent) / 100) + 1 entries (the official MEMIT_rect). 'per_layer': mask "
+        "each layer's update (round(N keep_percent / 100) entries) before its write, so later layers "
+        "absorb what the mask removed.", "end")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,6 +186,8 @@ class RectHParams(MemitHParams):
             raise SpectraError(f"keep_percent must be in (0, 100]; got {self.keep_percent}.")
         if self.eps < 0:
             raise SpectraError("eps must be non-negative.")
+        if self.mask_schedule not in ("end", "per_layer"):
+            raise SpectraError(f"mask_schedule must be 'end' or 'per_layer', not {self.mask_schedule!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
