@@ -38,7 +38,11 @@ def build(name: str, model: LoadedModel, tmp_path, **overrides: object) -> Locat
         values = {"nullspace_threshold": median * 1.0001, "l2": 1e-3, **values}
         hparams = AlphaEditHParams(**values)
     else:
-        extra = {"prune": {"restrain_every_round": False}, "nse": {"alpha": 0.05, "upper_bound": 1e4}}.get(name, {})
+        # RECT's official end-of-round mask drops 60 % of each update with nothing to make up for it; on
+        # the random GPT-J that loses the edit, so the efficacy tests keep 60 %.
+        extra = {
+            "prune": {"restrain_every_round": False}, "nse": {"alpha": 0.05, "upper_bound": 1e4}, "rect": {"keep_percent": 60.0},
+        }.get(name, {})
         cls = {"memit": MemitHParams, "rect": RectHParams, "prune": PruneHParams, "nse": NseHParams}[name]
         hparams = cls(**{**extra, **values})
     return make_editor(name, hparams=hparams, corpus=corpus(), stats_cache=cache, progress=False)
@@ -137,11 +141,12 @@ def test_rect_keeps_the_largest_relative_changes() -> None:
     assert float(ratio[mask].min()) >= float(ratio[~mask].max())
 
 
-def test_rect_writes_masked_updates_inside_the_loop(tmp_path) -> None:
+@pytest.mark.parametrize("schedule", ["end", "per_layer"])
+def test_rect_writes_masked_updates(schedule: str, tmp_path) -> None:
     """Each written update has ~keep_percent nonzero entries, and is exactly the weight change."""
     model = tiny_model("gpt2")
     reqs = requests(model, 3)
-    editor = build("rect", model, tmp_path, keep_percent=25.0)
+    editor = build("rect", model, tmp_path, keep_percent=25.0, mask_schedule=schedule)
     editor.prepare(model, reqs)
     before = weights(model, editor)
     written = editor.apply_round(model, reqs, IdentityFilter())
