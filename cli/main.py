@@ -210,15 +210,16 @@ def drift(
     model: str = MODEL,
     editor: str = typer.Option("memit", help="memit, alphaedit, rect, prune or nse."),
     rounds: int = typer.Option(20, help="Sequential editing rounds."),
-    batch_size: int = typer.Option(100, help="Edits per round."),
+    batch_size: int = typer.Option(None, help="Edits per round [default: 2.44 % of the model's hidden size, the "
+                                   "paper's 100 edits on Llama-3-8B's 4,096 scaled: 6 on tiny, 100 on 4,096-wide models]."),
     revive: str = typer.Option("both", help="on, off or both (two arms over identical requests)."),
     tau: str = typer.Option("0.1", help="REVIVE energy threshold(s) in (0, 1); several (0.05,0.1,...) run a tau sweep."),
     dataset: str = typer.Option("auto", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path [default: tiny for "
                                 "the tiny model, else counterfact]."),
     refresh: str = typer.Option("original", help="REVIVE basis: from the original weights, or rebuilt from the current ones each round."),
-    placement: str = typer.Option(None, help="Where REVIVE acts on the key side: in_solve (solve on the "
-                                            "complement of V_k: the constrained optimum) or after (the paper's post-hoc "
-                                            "filter) [default: the editor's: in_solve, NSE after]."),
+    placement: str = typer.Option(None, help="Where REVIVE acts on the key side: after (the paper's post-hoc "
+                                            "filter) or in_solve (spectra's extension: solve on the complement of V_k, "
+                                            "the constrained optimum) [default: after]."),
     metric_tau: float = typer.Option(0.1, help="tau defining the dominant subspace for LS and SS."),
     ss_every: int = typer.Option(2, help="Store SS matrices every N rounds (and the last)."),
     eval_records: int = typer.Option(200, help="Edited records sampled for the per-round edit metrics."),
@@ -239,8 +240,12 @@ def drift(
                          ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
                          stats_corpus=stats_corpus, general=_general(tasks, items_per_task, glue_dir), resume=resume)
     path = run_drift(config)
-    _summarise(path, ["arm", "round"], "efficacy", last_round_only=True)
-    console.print(f"figures: {path / 'figures'}")
+    from spectra.experiments.drift import last_round_table
+    from spectra.results import load_run
+
+    print(last_round_table(load_run(path).rows).round(4).to_string())
+    print(f"run directory: {path}")
+    print(f"figures: {path / 'figures'}")
 
 
 @app.command()

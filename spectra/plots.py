@@ -55,7 +55,20 @@ EDIT_METRICS = (
 )
 
 #: Weight-norm metrics per round, in panel order.
-NORM_METRICS = ("fro_ratio", "delta_fro", "spectral_norm", "condition_number", "effective_rank")
+NORM_METRICS = ("fro_ratio", "delta_fro", "delta_spectral_rel", "functional_change", "spectral_norm", "condition_number",
+                "effective_rank")
+
+#: The drift overview's panels: (metric, task or None, side or None, how sites combine, title, log scale).
+OVERVIEW_PANELS = (
+    ("efficacy", None, None, "mean", "efficacy (%)", False),
+    ("neighborhood", None, None, "mean", "neighbourhood (%)", False),
+    ("accuracy", "mean", None, "mean", "general tasks (mean accuracy)", False),
+    ("text_nll", "heldout_text", None, "mean", "held-out text NLL (nats/token)", False),
+    ("LS", None, None, "mean", "LS (mean over sites)", False),
+    ("SS_protected_diag_min", None, "right", "min", "SS diagonal, rank-ordered (min)", False),
+    ("protected_triplet_residual", None, None, "max", "protected-triplet residual (max)", True),
+    ("delta_spectral_rel", None, None, "max", "||dW||_2 / sigma_1(W0) (max)", True),
+)
 
 #: Energy-spectrum metrics (size of the protected subspace per tau).
 ENERGY_METRICS = ("k_over_rank", "k")
@@ -181,6 +194,42 @@ def edit_metrics_by_round(rows: pd.DataFrame, metrics: Sequence[str] | None = No
     for ax, (name, _) in zip(fig.axes, panels):
         if name.endswith("(accuracy)"):
             ax.set_ylabel("accuracy")
+    return fig
+
+
+def drift_overview(rows: pd.DataFrame) -> Figure:
+    """The drift run in one figure, a line per arm: edit success, general ability (tasks, held-out NLL),
+    LS, the rank-ordered SS diagonal, REVIVE's protected-triplet residual and the update's spectral size.
+
+    Sites combine as each panel's title says (mean, or the worst site: min of the SS diagonal, max
+    of the residual and of ||dW||_2 / sigma_1); repeated rows (seeds) are then averaged with their sd shaded.
+    """
+    if not {"arm", "round", "metric"} <= set(rows.columns):
+        raise NoData(_missing("drift overview", [p[0] for p in OVERVIEW_PANELS], ("arm", "round"), rows))
+    timed = rows.dropna(subset=["arm", "round"])
+    panels: list[tuple[str, pd.DataFrame]] = []
+    log_panels: set[str] = set()
+    for metric, task, side, combine, title, log in OVERVIEW_PANELS:
+        part = timed[timed["metric"] == metric]
+        if task is not None and "task" in part.columns:
+            part = part[part["task"] == task]
+        if side is not None and "side" in part.columns:
+            part = part[part["side"] == side]
+        if part.empty:
+            continue
+        keys = [c for c in ("arm", "tau", "round", "seed") if c in part.columns and part[c].notna().any()]
+        part = part.groupby(keys, dropna=False, as_index=False)["value"].agg(combine)
+        panels.append((title, part))
+        if log:
+            log_panels.add(title)
+    if len(panels) < 2:
+        raise NoData(_missing("drift overview", [p[0] for p in OVERVIEW_PANELS], ("arm", "round"), rows))
+    fig = _panels_by_round(panels, ncols=4, spread="sd", ylabel=None, title="Sequential editing: behaviour and spectrum per round")
+    for ax, (title, _) in zip(fig.axes, panels):
+        ax.set_ylabel("")
+        if title in log_panels:
+            # symlog: round 0 is exactly 0 and REVIVE's residual sits at float round-off
+            ax.set_yscale("symlog", linthresh=1e-4)
     return fig
 
 
@@ -341,7 +390,7 @@ def ss_heatmaps(tensors: Mapping[str, torch.Tensor], arm: str, side: str, rounds
     """SS matrices of one site over chosen rounds as a grid of heatmaps on a shared [0, 1] scale (Fig. 5, 12-14).
 
     Each matrix is k x r (dominant edited vectors x original vectors). Only the first
-    ``max_cols`` columns are shown (default min(r, 3k)) so the diagonal stays visible.
+    ``max_cols`` columns are shown (default min(r, 2k)), so the diagonal stays visible.
     """
     keys = [ss_key(side, arm, r, site) for r in rounds]
     missing = [k for k in keys if k not in tensors]
@@ -356,7 +405,7 @@ def ss_heatmaps(tensors: Mapping[str, torch.Tensor], arm: str, side: str, rounds
         image = None
         for ax, round_, key in zip(axes, rounds, keys):
             matrix = tensors[key].detach().float().cpu().numpy()
-            cols = max_cols or min(matrix.shape[1], 3 * matrix.shape[0])
+            cols = max_cols or min(matrix.shape[1], 2 * matrix.shape[0])
             image = ax.imshow(matrix[:, :cols], vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
             ax.grid(False)
             ax.set(title=f"SS$_{{{round_}}}$", xlabel="original vector j", ylabel="edited vector i")
@@ -376,7 +425,8 @@ def plot_run(run_dir: Path, ss_rounds: int = 10, formats: Sequence[str] = FORMAT
     written: list[Path] = []
     drawers = (
         ("concentration", concentration_curve), ("sensitivity", sensitivity_by_group),
-        ("edit_metrics", edit_metrics_by_round), ("ls", ls_by_round), ("norm_growth", norm_growth),
+        ("drift_overview", drift_overview), ("edit_metrics", edit_metrics_by_round), ("ls", ls_by_round),
+        ("norm_growth", norm_growth),
         ("tsne", tsne_scatter), ("tau_sweep", tau_sweep), ("energy_spectrum", energy_spectrum),
         ("causal_trace", causal_trace_curve),
     )

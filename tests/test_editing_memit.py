@@ -197,7 +197,7 @@ def test_hparams_defaults_and_validation() -> None:
         MemitHParams(layers=(1,), key_position="first")
     with pytest.raises(SpectraError, match="no hyperparameter"):
         MemitHParams.for_model("tiny", nullspace_threshold=1.0)
-    assert tiny.revive_placement == "in_solve" and NseHParams.for_model("tiny").revive_placement == "after"
+    assert tiny.revive_placement == "after" and NseHParams.for_model("tiny").revive_placement == "after"
     with pytest.raises(SpectraError, match="revive_placement"):
         MemitHParams(layers=(1,), revive_placement="before")
     with pytest.raises(SpectraError, match="NSE places a REVIVE filter after"):

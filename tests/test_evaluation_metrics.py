@@ -18,7 +18,7 @@ from spectra.evaluation.consistency import fit_tfidf
 from spectra.evaluation.counterfact import (
     CounterFactPlan, GenerationOptions, counterfact_rows, evaluate_counterfact, prepare_counterfact,
 )
-from spectra.evaluation.general import GeneralAbility, choice_nlls, classification_metrics
+from spectra.evaluation.general import GeneralAbility, HeldoutText, choice_nlls, classification_metrics
 from spectra.evaluation.rows import ROW_COLUMNS, aggregate, row, summarize
 from spectra.evaluation.scoring import encode_pairs, score_continuations
 from spectra.evaluation.zsre import evaluate_zsre
@@ -155,6 +155,21 @@ def test_multiple_choice_scoring_and_general_ability(lm: BigramLM, tok) -> None:
     assert capitals["f1"] == pytest.approx(2 / 3)  # class 1: precision 1/2, recall 1
     assert capitals["mcc"] == pytest.approx(0.5)  # (1*1 - 1*0) / sqrt(2*1*2*1)
     assert results["three"]["accuracy"] == 1.0 and results["three"]["n"] == 1.0
+
+
+def test_heldout_text_nll_is_the_token_weighted_mean_after_the_first_token(lm: BigramLM, tok, tmp_path) -> None:
+    """'ann lives in rome' scores lives|ann, in|lives, rome|in; a second text's tokens weigh in by count."""
+    uniform = -math.log(1 / len(WORDS))
+    first = [uniform, -math.log(0.9), -math.log(0.6)]
+    second = [-math.log(0.5)]  # 'rome is': is|rome
+    measured = HeldoutText(["ann lives in rome", "rome is", "  "])(lm, tok)
+    assert measured["tokens"] == 4
+    assert measured["nll"] == pytest.approx(sum(first + second) / 4, rel=1e-5)
+    assert measured["perplexity"] == pytest.approx(math.exp(measured["nll"]), rel=1e-6)
+    with pytest.raises(SpectraError, match="empty"):
+        HeldoutText(["", " "])
+    with pytest.raises(SpectraError, match="does not exist"):
+        HeldoutText.from_file(tmp_path / "missing.txt")
 
 
 def test_classification_metrics_macro_f1_for_more_than_two_choices() -> None:

@@ -95,7 +95,7 @@ def _data_axes(fig: Figure) -> list:
         (lambda: plots.edit_metrics_by_round(drift_rows()), 5, [2] * 5),
         (lambda: plots.ls_by_round(drift_rows()), 1, [2]),
         (lambda: plots.ls_by_round(drift_rows(), per_site=True), 2, [2, 2]),
-        (lambda: plots.norm_growth(drift_rows()), 5, [2] * 5),
+        (lambda: plots.norm_growth(drift_rows()), len(plots.NORM_METRICS), [2] * len(plots.NORM_METRICS)),
         (lambda: plots.tau_sweep(tau_rows()), 3, [2, 2, 2]),
         (lambda: plots.energy_spectrum(energy_rows()), 2, [2, 2]),
     ],
@@ -110,6 +110,27 @@ def test_line_figures(draw, n_axes: int, n_lines: list[int], tmp_path: Path) -> 
     assert [len(ax.get_lines()) for ax in axes] == n_lines
     paths = plots.save_figure(fig, tmp_path / "figures", "fig")
     assert [p.name for p in paths] == ["fig.png", "fig.pdf"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_drift_overview_draws_every_panel_and_combines_sites_by_the_worst_one() -> None:
+    """Eight panels, a line per arm; the SS diagonal takes the worst (min) site and the residual the max site."""
+    extra = []
+    for arm, r in itertools.product(ARMS, range(4)):
+        extra += [{"arm": arm, "round": r, "task": "mean", "metric": "accuracy", "value": 0.9},
+                  {"arm": arm, "round": r, "task": "heldout_text", "metric": "text_nll", "value": 2.0 + r}]
+        for i, site in enumerate(SITES):
+            extra += [{"arm": arm, "round": r, "site": site, "side": side, "metric": "SS_protected_diag_min",
+                       "value": 0.5 + 0.25 * i} for side in ("right", "left")]
+            extra += [{"arm": arm, "round": r, "site": site, "metric": "protected_triplet_residual", "value": 10.0 ** (i - 3)}]
+    fig = plots.drift_overview(pd.concat([drift_rows(), _frame(extra)], ignore_index=True))
+    axes = _data_axes(fig)
+    assert [ax.get_title() for ax in axes] == [p[4] for p in plots.OVERVIEW_PANELS]
+    assert all(len(ax.get_lines()) == 2 for ax in axes)
+    ss_panel, residual_panel = axes[5], axes[6]
+    assert set(ss_panel.get_lines()[0].get_ydata()) == {0.5}
+    assert set(residual_panel.get_lines()[0].get_ydata()) == {0.01} and residual_panel.get_yscale() == "symlog"
+    with pytest.raises(plots.NoData):
+        plots.drift_overview(concentration_rows())
 
 
 def test_sensitivity_labels_groups() -> None:
@@ -151,11 +172,11 @@ def test_tsne_scatter_links_pairs(tmp_path: Path) -> None:
 
 
 def test_ss_heatmaps_grid_and_columns(tmp_path: Path) -> None:
-    """One heatmap per round plus a colorbar, showing the first min(r, 3k) columns; a missing round is named."""
+    """One heatmap per round plus a colorbar, showing the first min(r, 2k) columns; a missing round is named."""
     fig = plots.ss_heatmaps(ss_tensors(), "off", "right", [2, 6, 10], "mlp.down@2")
     axes = _data_axes(fig)
     assert len(axes) == 3 and len(fig.axes) == 4
-    assert axes[0].get_images()[0].get_array().shape == (4, 12)
+    assert axes[0].get_images()[0].get_array().shape == (4, 8)
     plots.save_figure(fig, tmp_path, "ss")
     with pytest.raises(plots.NoData, match=r"\[0, 2, 4, 6, 8, 10\]"):
         plots.ss_heatmaps(ss_tensors(), "off", "right", [3], "mlp.down@2")
@@ -183,6 +204,6 @@ def test_plot_run_redraws_every_supported_figure(tmp_path: Path) -> None:
         writer.add_tensors(ss_tensors())
     written = plots.plot_run(writer.path)
     names = {p.stem for p in written}
-    assert names == {"concentration", "sensitivity", "edit_metrics", "ls", "norm_growth", "tsne", "energy_spectrum",
-                     "ss_right_off_mlp.down-2"}
+    assert names == {"concentration", "sensitivity", "drift_overview", "edit_metrics", "ls", "norm_growth", "tsne",
+                     "energy_spectrum", "ss_right_off_mlp.down-2"}
     assert len(written) == 2 * len(names) and all(p.parent == writer.path / "figures" and p.exists() for p in written)

@@ -8,6 +8,7 @@ import torch
 from spectra.errors import SpectraError
 from spectra.spectral import (
     drift_stats,
+    functional_change,
     ls,
     matrix_with_singular_values,
     spectrum_table,
@@ -161,6 +162,33 @@ def test_drift_stats_against_direct_computation() -> None:
     assert stats["effective_rank_t"] == pytest.approx(stats["effective_rank_0"], rel=1e-5)
     given = drift_stats(W0, Wt, spectrum0=svd(W0), spectrum_t=svd(Wt))
     assert given == pytest.approx(stats)
+    assert stats["delta_spectral_rel"] == pytest.approx(0.5, rel=1e-5)
+    assert stats["spectral_norm_ratio"] == pytest.approx(1.5, rel=1e-5)
+
+
+def test_delta_spectral_rel_is_the_update_spectral_norm_over_sigma_1() -> None:
+    """A rank-one update u v^T of size 3 on a matrix with sigma_1 = 10 gives 0.3, whatever its direction."""
+    W0 = matrix_with_singular_values(6, 5, torch.tensor([10.0, 5.0, 1.0, 0.5, 0.1]), torch.Generator().manual_seed(3))
+    u, v = torch.randn(6, generator=torch.Generator().manual_seed(1)), torch.randn(5, generator=torch.Generator().manual_seed(2))
+    delta = 3.0 * torch.outer(u / u.norm(), v / v.norm())
+    assert drift_stats(W0, W0 + delta)["delta_spectral_rel"] == pytest.approx(0.3, rel=1e-5)
+
+
+def test_functional_change_is_the_rms_output_change_over_the_keys() -> None:
+    """Against a per-key loop; input directions no key uses do not count, however large the update there."""
+    generator = torch.Generator().manual_seed(4)
+    W0, Wt = torch.randn(7, 9, generator=generator), torch.randn(7, 9, generator=generator)
+    keys = torch.randn(9, 30, generator=generator)
+    changed = sum(float(((Wt - W0) @ keys[:, j]).norm() ** 2) for j in range(30))
+    base = sum(float((W0 @ keys[:, j]).norm() ** 2) for j in range(30))
+    assert functional_change(W0, Wt, keys) == pytest.approx((changed / base) ** 0.5, rel=1e-5)
+    used = torch.zeros(9, 30)
+    used[:4] = keys[:4]
+    dark = torch.zeros(7, 9)
+    dark[:, 4:] = 100.0
+    assert functional_change(W0, W0 + dark, used) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(SpectraError, match="keys must be"):
+        functional_change(W0, Wt, torch.randn(8, 3))
 
 
 def test_spectrum_table_row() -> None:

@@ -88,9 +88,9 @@ class MemitHParams:
     context_top_k: int = _help("Top-k sampling width for the context templates.", 5)
     seed: int = _help("Seed of the generator that samples the context templates (reference: unseeded).", 0)
     revive_placement: str = _help(
-        "Where a REVIVE filter acts on the key side: 'in_solve' (solve on the complement of V_k, then "
-        "filter: the constrained optimum) or 'after' (filter the solved update: the paper's post-hoc form).",
-        "in_solve")
+        "Where a REVIVE filter acts on the key side: 'after' (filter the solved update: the paper's post-hoc "
+        "form, the default) or 'in_solve' (spectra's extension: solve on the complement of V_k, then filter: "
+        "the constrained optimum).", "after")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from rich.progress import Progress
@@ -209,8 +209,7 @@ def accumulate_second_moments(
     The forward pass stops after the deepest hooked layer. Batches hold at most ``batch_size``
     documents and ``batch_tokens`` padded tokens (long documents of real models come a few at a time).
     """
-    tokenizer = model.tokenizer
-    rows = [list(tokenizer(doc)["input_ids"])[:max_length] for doc in documents]
+    rows = [list(model.tokenizer(doc)["input_ids"])[:max_length] for doc in documents]
     rows = [row for row in rows if row]
     n_tokens = sum(len(row) for row in rows)
     seconds = _estimated_seconds(model, n_tokens, max(layers))
@@ -219,26 +218,59 @@ def accumulate_second_moments(
             "Key statistics for %s layers %s are not cached: %d tokens x %d layers, roughly %.0f minutes. "
             "They are cached afterwards.", model.name, list(layers), n_tokens, len(layers), seconds / 60,
         )
-    # Sorting by length keeps padding (wasted compute) small inside each batch.
-    rows.sort(key=len)
     d_k = {layer: model.adapter.shape(Site(layer, "mlp.down"))[1] for layer in layers}
     sums = {layer: torch.zeros(d_k[layer], d_k[layer], dtype=torch.float64, device=model.device) for layer in layers}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"key statistics ({model.name})", total=n_tokens)
-        for chunk in _length_batches(rows, batch_size, batch_tokens):
-            batch = pad_right(chunk, pad).to(model.device)
-            mask = batch.attention_mask.bool()
-            with capture_inputs(model, layers) as captured, stop_after(model, max(layers)), torch.no_grad():
-                try:
-                    model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                except StopForward:
-                    pass
+        for features, tokens in _key_batches(model, layers, rows, batch_size, batch_tokens):
             for layer in layers:
-                feats = captured[layer][mask].float()
-                sums[layer] += (feats.T @ feats).double()
-            bar.advance(task, sum(len(r) for r in chunk))
+                sums[layer] += (features[layer].T @ features[layer]).double()
+            bar.advance(task, tokens)
     return sums, n_tokens
+
+
+def _key_batches(
+    model: LoadedModel, layers: Sequence[int], rows: list[list[int]], batch_size: int, batch_tokens: int,
+) -> Iterator[tuple[dict[int, torch.Tensor], int]]:
+    """Per batch of token rows: every non-padding token's key (n, d_k) per layer in float32, and the token count.
+
+    Rows are sorted by length first, which keeps padding (wasted compute) small inside each batch;
+    the forward pass stops after the deepest hooked layer.
+    """
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for chunk in _length_batches(sorted(rows, key=len), batch_size, batch_tokens):
+        batch = pad_right(chunk, pad).to(model.device)
+        mask = batch.attention_mask.bool()
+        with capture_inputs(model, layers) as captured, stop_after(model, max(layers)), torch.no_grad():
+            try:
+                model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            except StopForward:
+                pass
+        yield {layer: captured[layer][mask].float() for layer in layers}, sum(len(r) for r in chunk)
+
+
+def sample_keys(
+    model: LoadedModel, layers: Sequence[int], documents: Sequence[str], max_tokens: int = 4096, max_length: int = 128,
+) -> dict[int, torch.Tensor]:
+    """Keys (d_k, n) per layer of the first ``max_tokens`` corpus tokens: the inputs an edited matrix really sees.
+
+    Used to measure an update's functional size (``spectra.spectral.functional_change``).
+    """
+    rows = [list(model.tokenizer(doc)["input_ids"])[:max_length] for doc in documents]
+    picked, total = [], 0
+    for row in (r for r in rows if r):
+        if total >= max_tokens:
+            break
+        picked.append(row)
+        total += len(row)
+    if not picked:
+        raise SpectraError("No corpus tokens to sample keys from; give a non-empty corpus.")
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for features, _ in _key_batches(model, layers, picked, batch_size=64, batch_tokens=16384):
+        for layer in layers:
+            parts[layer].append(features[layer])
+    return {layer: torch.cat(parts[layer])[:max_tokens].T.contiguous() for layer in layers}
 
 
 def _length_batches(rows: list[list[int]], batch_size: int, batch_tokens: int) -> list[list[list[int]]]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from spectra.data.general import load_general_items
 from spectra.data.records import MultipleChoiceItem
+from spectra.errors import SpectraError
 from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
 
 
@@ -95,3 +96,43 @@ class GeneralAbility:
     def from_file(cls, path: Path, batch_size: int = 128) -> "GeneralAbility":
         """Items from a JSON list of ``{task, prompt, choices, gold}`` (the tiny world's format)."""
         return cls(load_general_items(path), batch_size)
+
+
+@dataclass
+class HeldoutText:
+    """General language ability as one continuous number: mean NLL per token of text the model never trained on.
+
+    The choice tasks saturate (a model right on every item stays right under small damage);
+    the NLL of held-out text moves with every change of the weights, so it shows how far a
+    model has fallen before any task flips. The first token of each text is the prefix, so
+    it is never scored (BOS for Llama-style tokenizers).
+    """
+
+    texts: Sequence[str]
+    batch_size: int = 128
+    _encoded: dict[int, tuple[object, list[tuple[list[int], list[int]]]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.texts = [t.strip() for t in self.texts if t.strip()]
+        if not self.texts:
+            raise SpectraError("The held-out text for the NLL measure is empty; give at least one line of text.")
+
+    def __call__(self, model: nn.Module, tokenizer: object) -> dict[str, float]:
+        """``{"nll": nats per token, "perplexity": exp(nll), "tokens": count}`` over all texts."""
+        if id(tokenizer) not in self._encoded:
+            rows = [list(tokenizer(text)["input_ids"]) for text in self.texts]
+            self._encoded[id(tokenizer)] = (tokenizer, [(row[:1], row[1:]) for row in rows if len(row) > 1])
+        pairs = self._encoded[id(tokenizer)][1]
+        scores = score_continuations(model, pairs, pad_id_of(tokenizer), self.batch_size)
+        total = float(sum(s.token_nll.sum() for s in scores))
+        tokens = sum(len(s.token_nll) for s in scores)
+        nll = total / tokens
+        return {"nll": nll, "perplexity": float(np.exp(nll)), "tokens": float(tokens)}
+
+    @classmethod
+    def from_file(cls, path: Path, batch_size: int = 128) -> "HeldoutText":
+        """One text per line of a UTF-8 file."""
+        if not path.is_file():
+            raise SpectraError(f"The held-out text file {path} does not exist; give a text file with one text per line.")
+        return cls(path.read_text(encoding="utf-8").splitlines(), batch_size)

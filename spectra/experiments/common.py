@@ -9,7 +9,7 @@ import torch
 
 from spectra.data.general import load_general_tasks, subsample
 from spectra.errors import SpectraError
-from spectra.evaluation.general import GeneralAbility
+from spectra.evaluation.general import GeneralAbility, HeldoutText
 from spectra.models import LoadedModel, Site, load_model, parse_sites
 from spectra.models.tiny import WORLD_FILES
 
@@ -34,6 +34,8 @@ class GeneralOptions:
     items_per_task: int = 100
     compat: str = "spectra"
     data_dir: Path | None = None
+    #: held-out text (one text per line) whose NLL measures general language ability; the tiny world ships one
+    nll_text: Path | None = None
 
 
 def open_model(options: CommonOptions) -> LoadedModel:
@@ -81,6 +83,16 @@ def general_ability(model: LoadedModel, options: GeneralOptions, seed: int) -> G
     items = load_general_tasks(tasks, directory=options.data_dir, compat=options.compat,
                                n_items=options.items_per_task, seed=seed)
     return GeneralAbility(items)
+
+
+def heldout_text(model: LoadedModel, options: GeneralOptions) -> HeldoutText | None:
+    """The held-out text whose NLL is measured: ``options.nll_text``, else the tiny world's, else none."""
+    if options.nll_text is not None:
+        return HeldoutText.from_file(options.nll_text)
+    directory = world_dir(model)
+    if directory is not None and (directory / WORLD_FILES["heldout_text"]).is_file():
+        return HeldoutText.from_file(directory / WORLD_FILES["heldout_text"])
+    return None
 
 
 def ability_rows(scores: dict[str, dict[str, float]], **context: object) -> list[dict]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from spectra.data.datasets import resolve_dataset
 from spectra.data.records import EditRequest
@@ -17,21 +21,25 @@ from spectra.editing.hparams import KNOWN_MODELS
 from spectra.editing.loop import Arm, EditLoop, RoundRecord, resume_point
 from spectra.errors import SpectraError
 from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, prepare_counterfact
-from spectra.evaluation.general import GeneralAbility
+from spectra.evaluation.general import GeneralAbility, HeldoutText
 from spectra.evaluation.representations import hidden_states, joint_tsne, shift_metrics
 from spectra.evaluation.rows import aggregate
+from spectra.editing.stats import read_corpus, sample_keys
 from spectra.experiments.common import (
-    CommonOptions, GeneralOptions, ability_rows, default_dataset, general_ability, open_model, world_dir,
+    CommonOptions, GeneralOptions, ability_rows, default_dataset, general_ability, heldout_text, open_model, world_dir,
 )
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
 from spectra.models.tiny import WORLD_FILES
 from spectra.results import create_run, resume_run, ss_key
 from spectra.spectral import (
-    ReviveProjector, Spectrum, drift_stats, ls, rank_for_energy, relative_change_rate, ss, ss_best_match, ss_summary, svd,
+    ReviveProjector, Spectrum, drift_stats, functional_change, ls, rank_for_energy, relative_change_rate, ss, ss_best_match, ss_summary, svd,
 )
 
 #: Reference metric names -> the names the paper's figures use.
+#: Corpus documents whose keys measure each round's functional change (``functional_change`` rows).
+FUNCTIONAL_DOCUMENTS = 400
+
 EDIT_METRIC_NAMES = {
     "rewrite_success": "efficacy", "paraphrase_success": "paraphrase", "neighborhood_success": "neighborhood",
     "rewrite_diff": "efficacy_magnitude", "paraphrase_diff": "paraphrase_magnitude",
@@ -46,7 +54,7 @@ class DriftConfig(CommonOptions):
 
     editor: str = "memit"
     rounds: int = 20
-    batch_size: int = 100
+    batch_size: int | None = None
     revive: str = "both"
     tau: list[float] = field(default_factory=lambda: [0.1])
     dataset: str = "auto"
@@ -72,7 +80,7 @@ class DriftConfig(CommonOptions):
         for tau in [*self.tau, self.metric_tau]:
             if not 0.0 < tau < 1.0:
                 raise SpectraError(f"tau must lie in (0, 1); got {tau}. Give the share of singular-value energy to protect, e.g. 0.1.")
-        if self.rounds < 1 or self.batch_size < 1:
+        if self.rounds < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise SpectraError(f"--rounds and --batch-size must be at least 1 (got {self.rounds}, {self.batch_size}).")
         if self.refresh not in ("original", "current"):
             raise SpectraError(f"--refresh must be original or current, not {self.refresh!r}.")
@@ -97,12 +105,13 @@ class SpectralDrift:
     """LS, SS (both sides) with its summaries, and norm growth of every edited site against the original."""
 
     def __init__(self, originals: dict[Site, torch.Tensor], spectra0: dict[Site, Spectrum], tau: float,
-                 ss_every: int, last_round: int) -> None:
+                 ss_every: int, last_round: int, corpus_keys: dict[Site, torch.Tensor] | None = None) -> None:
         self.originals = originals
         self.spectra0 = spectra0
         self.tau = tau
         self.ss_every = ss_every
         self.last_round = last_round
+        self.corpus_keys = corpus_keys or {}
 
     def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord:
         record = RoundRecord()
@@ -127,8 +136,12 @@ class SpectralDrift:
             record.rows.append({**context, "metric": "protected_triplet_residual",
                                 "value": triplet_residual(s0, Wt, protected)})
             stats = drift_stats(self.originals[site], Wt, spectrum0=s0, spectrum_t=st)
-            for name in ("fro_ratio", "delta_fro", "delta_fro_rel", "spectral_norm_t", "condition_number_t", "effective_rank_t"):
+            for name in ("fro_ratio", "delta_fro", "delta_fro_rel", "delta_spectral_rel", "spectral_norm_ratio",
+                         "spectral_norm_t", "condition_number_t", "effective_rank_t"):
                 record.rows.append({**context, "metric": name.removesuffix("_t"), "value": stats[name]})
+            if site in self.corpus_keys:
+                record.rows.append({**context, "metric": "functional_change",
+                                    "value": functional_change(self.originals[site], Wt, self.corpus_keys[site])})
         return record
 
 
@@ -181,14 +194,20 @@ class EditMetrics:
 
 
 class GeneralAbilityObserver:
-    """The general-ability probe after every round."""
+    """The general-ability probe after every round: task accuracies and, when there is held-out text, its NLL."""
 
-    def __init__(self, ability: GeneralAbility) -> None:
+    def __init__(self, ability: GeneralAbility, text: HeldoutText | None = None) -> None:
         self.ability = ability
+        self.text = text
 
     def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord:
         scores = self.ability(model.model, model.tokenizer)
-        return RoundRecord(rows=ability_rows(scores, arm=arm.name, tau=arm.tau, round=round))
+        rows = ability_rows(scores, arm=arm.name, tau=arm.tau, round=round)
+        if self.text is not None:
+            measured = self.text(model.model, model.tokenizer)
+            rows += [{"arm": arm.name, "tau": arm.tau, "round": round, "task": "heldout_text", "metric": f"text_{name}",
+                      "value": measured[name]} for name in ("nll", "perplexity")]
+        return RoundRecord(rows=rows)
 
 
 class RepresentationShift:
@@ -254,6 +273,18 @@ def editor_defaults(model: LoadedModel, config: DriftConfig) -> tuple[str, Path]
     return config.model, config.stats_corpus
 
 
+#: Edits per round as a share of the model's width: the REVIVE paper's 100 edits a round on Llama-3-8B,
+#: whose residual stream is 4,096 wide. A round of that many edits is a rank-100 update; the same
+#: share keeps a round of the protocol equally large relative to the space it writes into.
+EDITS_PER_WIDTH = 100 / 4096
+
+
+def default_batch_size(model: LoadedModel) -> int:
+    """Edits per round for ``model``: ``EDITS_PER_WIDTH`` of its hidden size (100 on 4,096-wide models, 6 on tiny)."""
+    width = model.adapter.shape(Site(0, "mlp.down"))[0]
+    return max(1, round(EDITS_PER_WIDTH * width))
+
+
 def run_drift(config: DriftConfig, progress: bool = True) -> Path:
     """Run (or resume) a drift experiment and write its run directory; returns the run's path."""
     from spectra.editing import make_editor
@@ -262,6 +293,8 @@ def run_drift(config: DriftConfig, progress: bool = True) -> Path:
     config.validate()
     arms = config.arms()
     model = open_model(config)
+    if config.batch_size is None:
+        config.batch_size = default_batch_size(model)
     dataset = default_dataset(model) if config.dataset == "auto" else config.dataset
     needed = config.rounds * config.batch_size
     _, records = resolve_dataset(dataset, model_name=config.model, limit=needed + config.represent_prompts)
@@ -278,6 +311,9 @@ def run_drift(config: DriftConfig, progress: bool = True) -> Path:
     loop_sites = new_editor().edited_sites(model)
     originals = {site: model.adapter.read(site).float().cpu() for site in loop_sites}
     spectra0 = {site: svd(W) for site, W in originals.items()}
+    down_sites = [site for site in loop_sites if site.kind == "mlp.down"]
+    keys = sample_keys(model, [site.layer for site in down_sites], read_corpus(corpus, FUNCTIONAL_DOCUMENTS))
+    corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
 
     def make_filter(arm: Arm) -> SiteFilter:
         if arm.tau is None:
@@ -285,9 +321,9 @@ def run_drift(config: DriftConfig, progress: bool = True) -> Path:
         return ReviveFilter({s: ReviveProjector(spectra0[s], arm.tau) for s in loop_sites}, arm.tau, config.refresh)
 
     observers = [
-        SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds),
+        SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds, corpus_keys),
         EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed),
-        GeneralAbilityObserver(general_ability(model, config.general, config.seed)),
+        GeneralAbilityObserver(general_ability(model, config.general, config.seed), heldout_text(model, config.general)),
     ]
     held_out = held_out_prompts(records, needed, config.represent_prompts)
     if held_out:
@@ -323,19 +359,38 @@ def run_drift(config: DriftConfig, progress: bool = True) -> Path:
     return path
 
 
-def _print_round(arm: Arm, round: int, record: RoundRecord) -> None:
-    """One console line per round: the numbers a researcher watches."""
-    from rich.console import Console
+#: The console line of a round: (label, metric, format); values are means over sites (right side for SS).
+CONSOLE_FIELDS = (
+    ("efficacy %", "efficacy", "{:.1f}"), ("neighbourhood %", "neighborhood", "{:.1f}"),
+    ("tasks acc", "accuracy", "{:.3f}"), ("text NLL", "text_nll", "{:.3f}"), ("LS", "LS", "{:.3f}"),
+    ("SS diag min", "SS_protected_diag_min", "{:.4f}"), ("|dW|2/s1", "delta_spectral_rel", "{:.3f}"),
+    ("edit s", "seconds_edit", "{:.1f}"),
+)
 
-    values = {}
-    for row in record.rows:
-        if row.get("task") in (None, "mean") and row.get("side") in (None, "right"):
+
+def round_summary(rows: Sequence[dict]) -> dict[str, float]:
+    """The console line's numbers for one round's rows: each CONSOLE_FIELDS metric averaged over sites."""
+    def given(value: object) -> object:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if given(row.get("task")) in (None, "mean", "heldout_text") and given(row.get("side")) in (None, "right"):
             values.setdefault(row["metric"], []).append(row["value"])
-    def mean(name: str) -> str:
-        numbers = values.get(name)
-        return f"{sum(numbers) / len(numbers):.3f}" if numbers else "-"
-    Console().print(
-        f"[bold]{arm.name:>12}[/] round {round:>3}: efficacy {mean('efficacy')}  paraphrase {mean('paraphrase')}  "
-        f"neighborhood {mean('neighborhood')}  general {mean('accuracy')}  LS {mean('LS')}  "
-        f"SS diag {mean('SS_diag_mean')}  edit {mean('seconds_edit')} s"
-    )
+    return {label: sum(values[metric]) / len(values[metric]) for label, metric, _ in CONSOLE_FIELDS if values.get(metric)}
+
+
+def last_round_table(rows: "pd.DataFrame") -> "pd.DataFrame":
+    """Per arm, the console line's numbers after the last round, with labelled columns (the final summary)."""
+    import pandas as pd
+
+    last = rows[rows["round"] == rows["round"].max()]
+    table = {arm: round_summary(group.to_dict("records")) for arm, group in last.groupby("arm", sort=False)}
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis(f"arm (round {int(last['round'].max())})")
+
+
+def _print_round(arm: Arm, round: int, record: RoundRecord) -> None:
+    """One console line per round, every number labelled (printed whole, never wrapped)."""
+    summary = round_summary(record.rows)
+    parts = [f"{label} {fmt.format(summary[label])}" for label, _, fmt in CONSOLE_FIELDS if label in summary]
+    print(f"{arm.name:>8} round {round:>3} | " + " | ".join(parts), flush=True)

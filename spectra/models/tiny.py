@@ -29,6 +29,7 @@ WORLD_FILES = {
     "general": "general_tasks.json",
     "snippets": "attribute_snippets.json",
     "corpus": "corpus.txt",
+    "heldout_text": "heldout_text.txt",
     "report": "training_report.json",
 }
 

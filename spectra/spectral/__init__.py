@@ -6,7 +6,7 @@ Pure tensor code: nothing here knows about models. Matrices are in (out, in) lay
 from spectra.spectral.cache import SpectrumCache, default_cache_root, weights_fingerprint
 from spectra.spectral.decompose import check_matrix, svd, svd_many
 from spectra.spectral.delta import Delta
-from spectra.spectral.drift import as_spectrum, drift_stats, ls, spectrum_table, ss, ss_best_match, ss_summary
+from spectra.spectral.drift import as_spectrum, drift_stats, functional_change, ls, spectrum_table, ss, ss_best_match, ss_summary
 from spectra.spectral.perturb import group_perturbation
 from spectra.spectral.representation import relative_change_rate, representation_geometry
 from spectra.spectral.revive import ReviveProjector, revive
@@ -23,6 +23,7 @@ __all__ = [
     "default_cache_root",
     "drift_stats",
     "effective_rank",
+    "functional_change",
     "energy_share",
     "group_perturbation",
     "ls",

@@ -140,8 +140,11 @@ def drift_stats(
     st = spectrum_t if spectrum_t is not None else svd(Wt)
     fro0 = float(torch.linalg.matrix_norm(W0.double()))
     frot = float(torch.linalg.matrix_norm(Wt.double()))
-    diff = float(torch.linalg.matrix_norm(Wt.double() - W0.to(Wt.device).double()))
+    delta = Wt.double() - W0.to(Wt.device).double()
+    diff = float(torch.linalg.matrix_norm(delta))
     return {
+        "delta_spectral_rel": float(torch.linalg.matrix_norm(delta, ord=2)) / s0.spectral_norm,
+        "spectral_norm_ratio": st.spectral_norm / s0.spectral_norm,
         "fro_norm_0": fro0,
         "fro_norm_t": frot,
         "fro_ratio": frot / fro0,
@@ -154,6 +157,23 @@ def drift_stats(
         "effective_rank_0": s0.effective_rank,
         "effective_rank_t": st.effective_rank,
     }
+
+
+def functional_change(W0: torch.Tensor, Wt: torch.Tensor, keys: torch.Tensor) -> float:
+    """RMS over input vectors of ||(Wt - W0) k|| / RMS of ||W0 k||: how much an update changes the outputs.
+
+    ``keys`` (in, n) are inputs the matrix really sees (e.g. MLP keys of corpus tokens). Unlike the
+    Frobenius ratio this ignores input directions no input uses, where a ridge-limited update can
+    be large without changing anything the model computes (``shared/reference/editing-regime.md``).
+    """
+    check_matrix(W0, "the original matrix")
+    if keys.ndim != 2 or keys.shape[0] != W0.shape[1] or keys.shape[1] == 0:
+        raise SpectraError(f"keys must be (in={W0.shape[1]}, n > 0) input vectors, got shape {tuple(keys.shape)}.")
+    K = keys.to(device=W0.device, dtype=torch.float64)
+    base = float(torch.linalg.matrix_norm(W0.double() @ K))
+    if base == 0:
+        raise SpectraError("The original matrix maps every given key to zero; the functional change is undefined.")
+    return float(torch.linalg.matrix_norm((Wt.double() - W0.to(Wt.device).double()) @ K.to(Wt.device))) / base
 
 
 def spectrum_table(spectrum: Spectrum, taus: Sequence[float] = (0.05, 0.1, 0.2, 0.3)) -> dict[str, float]:
