@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,42 +90,212 @@ def locally_available(name: str) -> tuple[bool, str]:
         return (False, source)
 
 
+#: Files that hold a model's weights; one of them must be in a local model directory.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Files that define a tokenizer; one of them must be in a local model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+#: Site kinds in words, for messages about a model's parameters.
+KIND_WORDS = {
+    "mlp.up": "FFN up projection", "mlp.gate": "FFN gate projection", "mlp.down": "FFN down projection",
+    "attn.q": "attention query projection", "attn.k": "attention key projection",
+    "attn.v": "attention value projection", "attn.o": "attention output projection",
+}
+
+
+def check_model_source(name: str) -> None:
+    """Check a local model directory before anything loads: config.json, a tokenizer, weights, intact safetensors.
+
+    Hub ids are checked where their cached snapshot can be found offline; a missing one is
+    reported when loading. Every problem is a SpectraError naming the directory or file.
+    """
+    source = resolve_source(name)
+    looks_local = Path(source).exists() or source.startswith((".", "/", "~"))
+    if looks_local:
+        directory = Path(source).expanduser()
+        if not (directory / "config.json").is_file():
+            raise SpectraError(
+                f"The model directory {source!r} does not exist or has no config.json. Give a directory "
+                "saved with save_pretrained, an alias (spectra models lists them) or a hub id."
+            )
+        missing = []
+        if not any((directory / f).is_file() for f in WEIGHT_FILES) and not any(directory.glob("*.safetensors")):
+            missing.append(f"no weights ({' or '.join(WEIGHT_FILES[::2])}, or a sharded index)")
+        if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            missing.append(f"no tokenizer ({' or '.join(TOKENIZER_FILES[:2])} with its vocabulary)")
+        if missing:
+            raise SpectraError(
+                f"The model directory {directory} has config.json but {' and '.join(missing)}. Save the complete model "
+                "there with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR), or point --model at a "
+                "complete directory."
+            )
+    else:
+        directory = _cached_snapshot(source)
+        if directory is None:
+            return
+    for path in sorted(directory.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def _cached_snapshot(hub_id: str) -> Path | None:
+    """The local snapshot directory of a cached hub model, or None when it is not cached (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"; loading reports it
+        return None
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header must parse and its tensors must end exactly at the end of the file.
+
+    Reads only the header, so it is instant even for large shards; it catches truncated copies,
+    interrupted downloads and files that are not safetensors at all.
+    """
+    size = path.stat().st_size
+
+    def damaged(problem: str) -> SpectraError:
+        return SpectraError(
+            f"The model file {path} is damaged: {problem}. Copy or download it again (an interrupted download or a "
+            "full disk leaves such files), then run the command again."
+        )
+
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or length > size - 8:
+            raise damaged(f"it is {size} bytes long, too short for the header it starts with (it is truncated or "
+                          "not a safetensors file)")
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise damaged("its header is not valid safetensors JSON") from None
+    if 8 + length + end != size:
+        raise damaged(f"its header describes {8 + length + end} bytes but the file holds {size} "
+                      f"({'it is truncated' if size < 8 + length + end else 'it has trailing bytes'})")
+
+
+def load_tokenizer(name: str = "tiny", allow_download: bool = False) -> object:
+    """The tokenizer of a model (cheap), loaded alone so that records can be checked before the weights load."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
+    except OSError as err:
+        raise _not_cached(name, source) from err
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a tokenizer it cannot build
+        raise SpectraError(
+            f"The tokenizer of {source} could not be loaded ({type(err).__name__}: {err}). Save it next to the model "
+            "with tokenizer.save_pretrained(DIR), or point --model at a complete directory."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
-    name: str = "tiny", device: str = "auto", dtype: str = "float32", allow_download: bool = False
+    name: str = "tiny", device: str = "auto", dtype: str = "float32", allow_download: bool = False,
+    tokenizer: object | None = None,
 ) -> LoadedModel:
-    """Load a causal LM (or BERT) with its tokenizer and adapter, from the local cache by default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM (or BERT) with its tokenizer and adapter, from the local cache by default.
+
+    Files are checked before loading and every weight after it: NaN or inf anywhere is an error
+    that names the parameter, before any measurement could use it.
+    """
+    from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     source = resolve_source(name)
-    looks_local = Path(source).exists() or source.startswith((".", "/", "~"))
-    if looks_local and not Path(source, "config.json").is_file():
-        raise SpectraError(
-            f"The model directory {source!r} does not exist or has no config.json. Give a directory "
-            "saved with save_pretrained, an alias (spectra models lists them) or a hub id."
-        )
-    offline = not allow_download
+    check_model_source(name)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, allow_download)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=not allow_download)
     except OSError as err:
+        if Path(source).is_dir():
+            raise SpectraError(f"Cannot read the model in {source} ({err}). Check that its files are readable and "
+                               "complete, then run the command again.") from err
+        raise _not_cached(name, source) from err
+    except Exception as err:  # noqa: BLE001 - transformers and safetensors raise many types for damaged weights
         raise SpectraError(
-            f"The model {name!r} ({source}) is not in the local Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it once with "
-            f"`huggingface-cli download {source}` on a machine with network access (gated models such as "
-            "Llama 3 need an accepted licence and a token), point --model at a local directory, or pass "
-            "--allow-download to let spectra fetch it."
+            f"Loading the weights of {source} failed ({type(err).__name__}: {err}). The files are probably damaged or "
+            "do not match its config.json; copy or download the model again."
         ) from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(torch_device).eval()
     model.requires_grad_(False)
+    adapter = adapter_for(model)
+    check_finite(model, adapter, source)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        adapter=adapter_for(model),
+        adapter=adapter,
         name=name,
         source=source,
         revision=str(getattr(model.config, "_commit_hash", None) or "local"),
+    )
+
+
+def check_finite(model: nn.Module, adapter: Adapter, source: str) -> None:
+    """NaN or inf in any parameter is a SpectraError naming it in words ("the attention query projection of layer 1")."""
+    for name, parameter in model.named_parameters():
+        if not parameter.is_floating_point():
+            continue
+        finite = torch.isfinite(parameter)
+        if bool(finite.all()):
+            continue
+        bad = int((~finite).sum())
+        raise SpectraError(
+            f"The model {source} has {bad} NaN or infinite value{'s' if bad != 1 else ''} in "
+            f"{describe_parameter(model, adapter, name, parameter)}. Nothing can be measured on such weights: restore "
+            "the model files from a good copy (or retrain it), then run the command again."
+        )
+
+
+def describe_parameter(model: nn.Module, adapter: Adapter, name: str, parameter: torch.Tensor) -> str:
+    """A parameter in plain words with its name: 'the attention query projection of layer 1 (model.layers.1.self_attn.q_proj.weight)'."""
+    kinds = []
+    for site in adapter.sites():
+        try:
+            if adapter.module(site).weight is parameter:
+                kinds.append(site)
+        except (SpectraError, AttributeError):
+            continue
+    if kinds:
+        words = " / ".join(KIND_WORDS[site.kind] for site in kinds)
+        return f"the {words} of layer {kinds[0].layer} (parameter {name})"
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and getattr(embeddings, "weight", None) is parameter:
+        return f"the token embeddings (parameter {name})"
+    layer = re.search(r"\.(\d+)\.", name)
+    return f"parameter {name}" + (f" (in layer {layer.group(1)})" if layer else "")
+
+
+def model_width(name: str, allow_download: bool = False) -> int:
+    """The hidden size of a model, read from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=not allow_download)
+    except OSError as err:
+        raise _not_cached(name, source) from err
+    except ValueError as err:
+        raise SpectraError(f"The config.json of {source} cannot be read ({err}). Restore it from a good copy of the "
+                           "model.") from err
+    return int(config.hidden_size)
+
+
+def _not_cached(name: str, source: str) -> SpectraError:
+    """The one message for a model that is not available offline."""
+    return SpectraError(
+        f"The model {name!r} ({source}) is not in the local Hugging Face cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it once with "
+        f"`huggingface-cli download {source}` on a machine with network access (gated models such as "
+        "Llama 3 need an accepted licence and a token), point --model at a local directory, or pass "
+        "--allow-download to let spectra fetch it."
     )

@@ -114,7 +114,7 @@ class SpectrumCache:
         if set(key_fields) != set(mats):
             raise SpectraError("key_fields and mats must have the same keys, one key-field dict per matrix.")
         for name, W in mats.items():
-            check_matrix(W, name=f"the matrix {name!r}")
+            check_matrix(W, name=f"the matrix '{name}'")
         keys = {name: self.key(key_fields[name], mats[name], dtype) for name in mats}
         found: dict[K, Spectrum] = {}
         for name, key in keys.items():

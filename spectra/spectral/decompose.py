@@ -109,7 +109,7 @@ def svd_many(
     """
     _check_dtype(dtype)
     for key, W in mats.items():
-        check_matrix(W, name=f"the matrix {key!r}")
+        check_matrix(W, name=f"the matrix '{key}'")
     target = None if device is None else torch.device(device)
 
     # Group by tall shape so that a matrix and a transposed sibling share a batch.
