@@ -128,10 +128,14 @@ def resolve_dataset(
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise SpectraError(
-                f"{name_or_path!r} is neither a dataset name ({', '.join([*tiny, *DATASET_NAMES])}) "
-                f"nor an existing file. {where_to_put()}"
+                f"The dataset {name_or_path!r} is neither a dataset name ({', '.join([*tiny, *DATASET_NAMES])}) nor an "
+                f"existing file{' (it is a directory)' if path.is_dir() else ''}. Check the path, or use one of the names "
+                "(`spectra data` shows which standard files are present)."
             )
     records = records_list(read_json(path, where_to_put()), path)
+    if not records:
+        raise SpectraError(f"{path} holds no records (an empty JSON list). Pass a dataset file with CounterFact- or "
+                           "zsRE-format records.")
     kind = detect_kind(records, path)
     if kind == "zsre":
         return kind, convert_zsre(records, path, zsre_target, limit)

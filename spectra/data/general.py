@@ -136,8 +136,15 @@ def subsample(items: Sequence[MultipleChoiceItem], n_items: int | None, seed: in
     """A class-balanced, label-interleaved subset of ``n_items`` (all items when None), reproducible by seed.
 
     Each gold class is shuffled with ``random.Random(seed)`` and classes are interleaved, as the reference
-    harness builds its subsets, so any prefix of the result is (near) balanced.
+    harness builds its subsets, so any prefix of the result is (near) balanced. Asking for fewer than
+    one item, or for more than the task has, is an error rather than a silent cap.
     """
+    if n_items is not None and not 1 <= n_items <= len(items):
+        name = items[0].task if items else "this"
+        raise SpectraError(
+            f"The {name} task has {len(items)} items, and {n_items} were asked for (--items-per-task). Ask for "
+            f"between 1 and {len(items)}."
+        )
     rng = random.Random(seed)
     by_gold: dict[int, list[MultipleChoiceItem]] = {}
     for item in items:
