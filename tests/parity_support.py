@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -72,6 +72,25 @@ def target_probabilities(model: torch.nn.Module, tokenizer: PreTrainedTokenizerF
             steps = [logp[len(prompt_ids) - 1 + j, token] for j, token in enumerate(target_ids)]
             out.append(float(torch.stack(steps).mean().exp()))
     return torch.tensor(out, dtype=torch.float64)
+
+
+class PinnedStatistics:
+    """Key statistics that hand out given covariances (the editors' ``statistics`` interface): the
+    recorded official C, so both implementations solve with the same one."""
+
+    def __init__(self, covariances: dict[int, torch.Tensor]) -> None:
+        self.covariances = covariances
+
+    @classmethod
+    def recorded(cls, kind: str) -> "PinnedStatistics":
+        """The official C of ``kind``'s edited layers, from its fixture."""
+        stored = load_file(str(FIXTURES / kind / "covariance.safetensors"))
+        return cls({int(name.split(".")[1]): c for name, c in stored.items()})
+
+    def second_moments(
+        self, model: Any, layers: Sequence[int], fingerprint: str | None = None, compute: bool = True
+    ) -> dict[int, torch.Tensor]:
+        return {layer: self.covariances[layer].clone().to(model.device) for layer in layers}
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:

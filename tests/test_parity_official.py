@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 import pytest
 import torch
 from parity_support import (
-    EDITOR_NAMES, FIXTURES, MODEL_KINDS, down_weights, load_model, relative_difference, settings, target_probabilities,
+    EDITOR_NAMES, FIXTURES, MODEL_KINDS, PinnedStatistics, down_weights, load_model, relative_difference, settings,
+    target_probabilities,
 )
 from safetensors.torch import load_file
 
@@ -46,18 +47,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class PinnedStatistics:
-    """Key statistics that return the recorded official covariance (the editors' ``statistics`` interface)."""
-
-    def __init__(self, kind: str) -> None:
-        self.covariances = {int(name.split(".")[1]): c for name, c in load_file(str(FIXTURES / kind / "covariance.safetensors")).items()}
-
-    def second_moments(
-        self, model: LoadedModel, layers: Sequence[int], fingerprint: str | None = None, compute: bool = True
-    ) -> dict[int, torch.Tensor]:
-        return {layer: self.covariances[layer].clone().to(model.device) for layer in layers}
 
 
 @dataclass
@@ -92,7 +81,7 @@ def make_editor(kind: str, name: str, config: dict[str, Any], **overrides: Any) 
         extra = {k: config["nse"][k] for k in ("upper_bound", "max_iterations", "neuron_threshold")}
         editor_cls, hparams = NseEditor, NseHParams(
             **common, alpha=config["nse"]["alpha"][kind], **extra, revive_placement="after", **overrides)
-    editor = editor_cls(hparams, statistics=PinnedStatistics(kind), progress=False)
+    editor = editor_cls(hparams, statistics=PinnedStatistics.recorded(kind), progress=False)
     editor.templates = list(config["templates"])
     return editor
 
@@ -242,6 +231,6 @@ def test_key_statistics_match_the_official_layer_stats(kind: str) -> None:
     documents = [line for line in (FIXTURES / "stats_corpus.txt").read_text().splitlines() if line]
     layers = settings()["layers"]
     sums, n_tokens = accumulate_second_moments(model, layers, documents, max_length=64, batch_size=64, progress=False)
-    official = PinnedStatistics(kind).covariances
+    official = PinnedStatistics.recorded(kind).covariances
     for layer in layers:
         assert relative_difference(sums[layer] / n_tokens, official[layer]) <= TOLERANCE
