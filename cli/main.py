@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from spectra.errors import SpectraError
+from spectra.errors import RunInterrupted, SpectraError
 
 if TYPE_CHECKING:
     from spectra.experiments.common import GeneralOptions
@@ -29,17 +30,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly_errors(command: F) -> F:
-    """Print a SpectraError as its one-paragraph message (no traceback) and exit with status 2."""
+    """Print a SpectraError as its one-paragraph message (no traceback) and exit with its status (2 for bad input).
+
+    Ctrl-C outside a run that handles it (a drift run stops between checkpoints itself) ends the
+    command with a line instead of a traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except SpectraError as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}")
-            raise typer.Exit(code=2) from None
+            label = "stopped" if isinstance(err, RunInterrupted) else "error"
+            Console(stderr=True).print(f"[bold red]{label}:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=err.exit_code) from None
+        except KeyboardInterrupt:
+            Console(stderr=True).print("[bold red]interrupted:[/] stopped by Ctrl-C; no run of this command was "
+                                       "completed.", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def given_options(ctx: typer.Context, renamed: dict[str, str]) -> set[str]:
+    """The config keys of the options typed on the command line (``renamed``: option -> key where they differ)."""
+    typed = {"COMMANDLINE", "ENVIRONMENT", "PROMPT"}
+    return {renamed.get(name, name) for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in typed}
 
 
 @app.command()
@@ -96,6 +113,9 @@ TASKS = typer.Option(None, "--tasks", help="Comma-separated general-ability task
 ITEMS = typer.Option(100, "--items-per-task", help="Items per general-ability task (class-balanced, seeded subsample).")
 GLUE_DIR = typer.Option(None, "--glue-dir", help="Directory of <task>.jsonl files for real models [default: the local "
                         "Hugging Face datasets cache].")
+SKIP_BAD = typer.Option(False, "--skip-bad-records", help="Leave out dataset records the model's tokenizer cannot "
+                        "represent (unknown words, a subject that is not a run of tokens in its prompt, target_new == "
+                        "target_true) and say how many; without it they are an error listing the first few.")
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -183,15 +203,16 @@ def trace(
     model: str = MODEL,
     dataset: str = typer.Option("auto", help="CounterFact-format facts to trace: tiny, counterfact, mcf, cf or a path "
                                 "[default: the tiny world for the tiny model, else counterfact]."),
-    facts: int = typer.Option(30, help="Facts traced (a seeded sample of the dataset)."),
+    facts: int = typer.Option(30, help="Facts traced (a seeded sample of the dataset; at most its size)."),
     noise: float = typer.Option(3.0, help="Noise on the subject's embeddings, in stds of the embedding matrix."),
+    skip_bad_records: bool = SKIP_BAD,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
 ) -> None:
     """Causal trace (ROME): which blocks hold facts at the subject's last token, and where they are read out."""
     from spectra.experiments.probes import TraceConfig, run_trace
 
     config = TraceConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                         dataset=dataset, facts=facts, noise=noise)
+                         dataset=dataset, facts=facts, noise=noise, skip_bad_records=skip_bad_records)
     path = run_trace(config)
     from spectra.results import load_run
 
@@ -207,6 +228,7 @@ def trace(
 @app.command()
 @friendly_errors
 def drift(
+    ctx: typer.Context,
     model: str = MODEL,
     editor: str = typer.Option("memit", help="memit, alphaedit, rect, prune or nse."),
     rounds: int = typer.Option(20, help="Sequential editing rounds."),
@@ -222,24 +244,29 @@ def drift(
                                             "the constrained optimum) [default: after]."),
     metric_tau: float = typer.Option(0.1, help="tau defining the dominant subspace for LS and SS."),
     ss_every: int = typer.Option(2, help="Store SS matrices every N rounds (and the last)."),
-    eval_records: int = typer.Option(200, help="Edited records sampled for the per-round edit metrics."),
+    eval_records: int = typer.Option(200, help="Edited records sampled for the per-round edit metrics (all of them "
+                                     "while fewer have been edited)."),
     represent_prompts: int = typer.Option(200, help="Held-out factual prompts for representation shift (0 = off)."),
     tsne: bool = typer.Option(False, "--tsne", help="Add a joint t-SNE of the last round against the original states."),
     stats_corpus: Path = typer.Option(None, help="Text file (one document per line) for the key statistics "
                                       "[default: the tiny world's corpus; required for real models]."),
-    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR,
-    resume: Path = typer.Option(None, help="Continue an interrupted run directory from its last finished round."),
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, skip_bad_records: bool = SKIP_BAD,
+    resume: Path = typer.Option(None, help="Continue a run directory: an interrupted one from its last intact "
+                                "checkpoint, a finished one with a larger --rounds. Its options come from its "
+                                "config.json; options given as well must match them."),
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
 ) -> None:
     """Edit round after round with REVIVE on and off; track LS, SS, norms, edit metrics and general ability."""
-    from spectra.experiments.drift import DriftConfig, run_drift
+    from spectra.experiments.drift import OPTION_NAMES, DriftConfig, run_drift
 
     config = DriftConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                          editor=editor, rounds=rounds, batch_size=batch_size, revive=revive, tau=_floats(tau, "--tau"),
                          dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
                          ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
-                         stats_corpus=stats_corpus, general=_general(tasks, items_per_task, glue_dir), resume=resume)
-    path = run_drift(config)
+                         stats_corpus=stats_corpus, general=_general(tasks, items_per_task, glue_dir),
+                         skip_bad_records=skip_bad_records, resume=resume)
+    renamed = {option.removeprefix("--").replace("-", "_"): key for key, option in OPTION_NAMES.items()}
+    path = run_drift(config, given=given_options(ctx, renamed))
     from spectra.experiments.drift import last_round_table
     from spectra.results import load_run
 

@@ -1,4 +1,4 @@
-"""Run directories: one atomic, resumable on-disk format (config, tidy rows, tensors, figures) for every command.
+"""Run directories: one atomic, resumable, verified on-disk format (config, tidy rows, tensors, figures) for every command.
 
 Layout of a finished run ``runs/<YYYYmmdd-HHMMSS>-<command>/``::
 
@@ -6,40 +6,61 @@ Layout of a finished run ``runs/<YYYYmmdd-HHMMSS>-<command>/``::
     results.csv           tidy long rows: context columns (arm, round, site, ...) + metric, value
     results.parquet       the same rows, only when pyarrow is installed (exact dtypes)
     tensors.safetensors   named tensors, e.g. "ss/right/off/round=5/mlp.down@2" (see ss_key)
+    state/NAME.safetensors  what continuing the run needs (a drift run: each arm's edited weights)
     figures/NAME.png|pdf  drawn by spectra.plots from the above, never from the model
-    status.json           {"complete": true, ...}, written last
+    status.json           {"complete": true, "files": {name: sha256, size, rows/tensors}, ...}, written last
 
 A run is written into the sibling ``<name>.partial/`` and renamed into place by
-``RunWriter.finalize()``, so a crash never leaves a directory that looks complete. While it is
-partial, ``RunWriter.checkpoint()`` publishes consistent snapshots (rows, tensors, resumable state
-such as an editor's accumulators) that ``resume_run()`` reads back after a crash.
+``RunWriter.finalize()``, so a crash never leaves a directory that looks complete. Guarantees:
+
+- **One writer.** The partial directory holds ``.lock``, locked with ``flock`` by the writing
+  process (the kernel releases it when the process dies, even by SIGKILL); a second writer is
+  refused with a message naming the live process.
+- **Checkpoints that can be trusted.** ``RunWriter.checkpoint()`` writes every file of a snapshot
+  under a new name, then replaces ``checkpoint.json`` (which lists each file's sha256 and row or
+  tensor count) atomically, keeping the one before as ``checkpoint.previous.json``. ``resume_run``
+  verifies every file; when the newest snapshot is damaged it falls back to the previous one and
+  says so, and when no snapshot is intact it refuses. Damaged data is never finished silently.
+- **Verified on read.** ``load_run`` (and so ``spectra plot``) checks every file against
+  status.json before reading it.
+- **Clean failures.** A failed write (disk full, permission, read-only) becomes a SpectraError that
+  says which checkpoint is intact and how to resume; SIGTERM/SIGINT inside a ``RunWriter.running()``
+  block stop the run between writes, never in the middle of one.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from importlib import metadata
 from importlib.util import find_spec
+from io import StringIO
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from spectra.errors import SpectraError
+from spectra.errors import RunInterrupted, SpectraError
 
 CONFIG_FILE = "config.json"
 ROWS_CSV = "results.csv"
@@ -47,9 +68,13 @@ ROWS_PARQUET = "results.parquet"
 TENSORS_FILE = "tensors.safetensors"
 STATUS_FILE = "status.json"
 FIGURES_DIR = "figures"
+STATE_DIR = "state"
 CHECKPOINT_FILE = "checkpoint.json"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.json"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 PARTIAL_SUFFIX = ".partial"
+TMP_SUFFIX = ".tmp"
 
 #: Options that may differ between the interrupted run and the command that resumes it.
 RESUME_IGNORED = frozenset({"resume", "out"})
@@ -126,37 +151,222 @@ def collect_provenance(config: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Checkpoint:
-    """What an interrupted run had published: the last finished round (None before the first), rows, tensors, state."""
+    """What an interrupted run had published: its last finished step, rows, tensors and state.
+
+    ``round`` is the caller's step number (None before the first checkpoint), ``meta`` the JSON the
+    caller stored with it, ``progress`` its description ("round 3 of arm 'off'"), and ``note`` what
+    reading it had to do (fall back to the previous checkpoint, finish a completed run), for the user.
+    """
 
     round: int | None
     rows: pd.DataFrame
     tensors: dict[str, torch.Tensor]
     state: dict[str, dict[str, torch.Tensor]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    progress: str = ""
+    note: str | None = None
+
+
+@dataclass
+class _Published:
+    """The files a checkpoint (or a finished run) consists of: manifest entries {file, sha256, bytes, rows|tensors}."""
+
+    rows: dict[str, Any] | None = None
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def files(self) -> set[str]:
+        """Every file (relative to the run directory) these entries refer to."""
+        entries = ([self.rows] if self.rows else []) + self.shards + list(self.state.values())
+        return {entry["file"] for entry in entries}
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler to abandon the current step; a BaseException, so no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SignalGuard:
+    """SIGTERM and SIGINT stop a run between writes, never in the middle of one.
+
+    Outside a write a signal abandons the current step at once (nothing of that step is on disk
+    yet); inside ``writing()`` it is held until the write is complete. Handlers are installed only
+    in the main thread, and only while the guard is entered.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._writing = 0
+        self._pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalGuard":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._writing:
+            self._pending = signum
+        else:
+            raise _Stop(signum)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """A write that a signal must not cut short; a signal received meanwhile stops the run right after it."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+        if not self._writing and self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise _Stop(signum)
+
+
+class RunLock:
+    """An exclusive ``flock`` on a run directory's lock file, which names the process holding it.
+
+    The kernel drops the lock when the holder exits, however it exits, so a lock is never stale.
+    """
+
+    def __init__(self, handle: IO[str], directory: Path) -> None:
+        self._handle: IO[str] | None = handle
+        self.directory = directory
+
+    @classmethod
+    def acquire(cls, directory: Path) -> "RunLock":
+        """Lock ``directory`` for this process, or raise a SpectraError naming the process that has it."""
+        path = directory / LOCK_FILE
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise SpectraError(
+                f"Cannot lock the run directory {directory}: {_reason(err)}. {_fix(err, directory)} and run the command again."
+            ) from err
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SpectraError(busy_message(directory)) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            handle.close()
+            raise SpectraError(
+                f"The run directory {directory} was moved or finished while spectra was locking it (another "
+                "process wrote it). Run the command again."
+            )
+        handle.seek(0)
+        handle.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                   "command_line": " ".join(sys.argv)}, handle)
+        handle.flush()
+        return cls(handle, directory)
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def moved_to(self, directory: Path) -> None:
+        """Record that the locked directory was renamed (the lock travels with its file)."""
+        self.directory = directory
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock (and with ``remove`` its file first); safe to call twice."""
+        if self._handle is None:
+            return
+        if remove:
+            (self.directory / LOCK_FILE).unlink(missing_ok=True)
+        self._handle.close()
+        self._handle = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def live_writer(directory: Path) -> dict[str, Any] | None:
+    """Who holds ``directory``'s lock right now ({pid, host, started, command_line}), or None when nobody does."""
+    try:
+        handle = open(directory / LOCK_FILE, encoding="utf-8")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = json.loads(handle.read() or "{}")
+            except json.JSONDecodeError:
+                owner = {}
+            return owner if isinstance(owner, dict) else {}
+        return None
+
+
+def busy_message(directory: Path) -> str:
+    """The refusal a second writer gets: which process holds the run, and what to do."""
+    owner = live_writer(directory) or {}
+    pid = owner.get("pid")
+    who = f"process {pid}" if pid else "another process"
+    if owner.get("host"):
+        who += f" on {owner['host']}"
+    details = ", ".join(part for part in (f"`{owner['command_line']}`" if owner.get("command_line") else "",
+                                          f"started {owner['started']}" if owner.get("started") else "") if part)
+    stop = f"stop it (kill {pid})" if pid else "stop it"
+    run = _run_of(directory)
+    return (
+        f"The run directory {directory} is being written by {who}{f' ({details})' if details else ''} right now. Two "
+        f"writers would corrupt the run: wait for that process to finish, or {stop} and then continue the run with "
+        f"--resume {run}; to run something else at the same time, choose another --out."
+    )
 
 
 class RunWriter:
     """Collects one run's rows and tensors in ``<name>.partial/`` and moves them to ``<name>/`` on ``finalize()``.
 
-    Use as a context manager: a clean exit finalizes, an exception leaves the partial directory
-    (with its last checkpoint) for ``resume_run``. Rows and tensors are copied when added, so the
-    caller may keep mutating its own tensors.
+    It holds the run's lock from creation until ``finalize()`` or ``close()``. Use it as a context
+    manager (a clean exit finalizes, any exit releases the lock), or run long work inside
+    ``running()``. Rows and tensors are copied when added, so the caller may keep mutating its own
+    tensors.
     """
 
-    def __init__(self, path: Path, command: str, config: dict[str, Any], checkpoint: Checkpoint | None = None,
-                 tensor_shards: list[str] | None = None) -> None:
+    def __init__(self, path: Path, command: str, config: dict[str, Any], lock: RunLock | None = None,
+                 checkpoint: Checkpoint | None = None, published: _Published | None = None, new: bool = False) -> None:
         self.path = Path(path)
+        self._new = new  # a run this writer started: if it fails before any checkpoint, nothing of it is kept
         self.partial_path = _partial_of(self.path)
         self.command = command
         self.config = config
+        self.progress = checkpoint.progress if checkpoint is not None else ""
+        self._lock = lock
         self._frames: list[pd.DataFrame] = []
         self._tensors: dict[str, torch.Tensor] = {}
         self._unsaved: list[str] = []  # tensor names added since the last checkpoint
-        self._shards: list[str] = list(tensor_shards or [])
+        self._published = published or _Published()
+        self._meta: dict[str, Any] = dict(checkpoint.meta) if checkpoint is not None else {}
+        self._round = checkpoint.round if checkpoint is not None else None
+        self._signals = SignalGuard()
         self._done = False
+        self._unsaved_state: dict[str, Mapping[str, torch.Tensor]] = {}
         if checkpoint is not None:
             if len(checkpoint.rows):
                 self._frames.append(checkpoint.rows)
             self._tensors.update(checkpoint.tensors)
+            if published is None:  # nothing of it is in a checkpoint of this directory yet: a reopened finished run
+                self._unsaved = list(checkpoint.tensors)
+                self._unsaved_state = dict(checkpoint.state)
 
     @property
     def figures_dir(self) -> Path:
@@ -173,6 +383,11 @@ class RunWriter:
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensors added so far (CPU copies)."""
         return dict(self._tensors)
+
+    @property
+    def resume_command(self) -> str:
+        """The command line that continues this run."""
+        return f"spectra {self.command} --resume {self.path}"
 
     def add_rows(self, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> None:
         """Append tidy rows (a DataFrame or dicts with context columns plus ``metric`` and ``value``)."""
@@ -191,42 +406,56 @@ class RunWriter:
             self._tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
             self._unsaved.append(name)
 
-    def checkpoint(self, round: int, state: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
-        """Publish a snapshot after finished round ``round``: all rows, all tensors, and ``state`` (name -> tensors).
+    def checkpoint(self, round: int, state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                   meta: Mapping[str, Any] | None = None, progress: str = "") -> None:
+        """Publish a snapshot after step ``round``: all rows, all tensors, ``state`` and ``meta``.
 
-        Every file of the snapshot is new (uniquely named); only then is ``checkpoint.json``
-        replaced atomically to point at them, so a crash at any moment leaves the previous
-        snapshot in force. Tensors are written incrementally (one shard per checkpoint) so that
-        long runs do not rewrite every earlier SS matrix each round.
+        ``state`` maps names to tensors; a name not given keeps the file of the previous checkpoint
+        (so state that no longer changes is not rewritten). Tensors are written incrementally (one
+        shard per checkpoint). Every file is new (uniquely named) and checksummed; only then is
+        ``checkpoint.json`` replaced atomically to list them, so a crash at any moment leaves the
+        previous snapshot in force. ``progress`` says in words how far the run got.
         """
         self._check_open()
-        directory = self.partial_path / CHECKPOINTS_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        token = f"{round:06d}-{uuid.uuid4().hex[:8]}"
-        rows_file = f"{CHECKPOINTS_DIR}/rows-{token}.csv"
-        _write_rows_csv(self.rows, self.partial_path / rows_file)
-        shards = list(self._shards)
-        if self._unsaved:
-            shard = f"{CHECKPOINTS_DIR}/tensors-{token}.safetensors"
-            save_file({name: self._tensors[name] for name in self._unsaved}, str(self.partial_path / shard))
-            shards.append(shard)
-        state_files = {}
-        for name, tensors in (state or {}).items():
+        for name in state or {}:
             if not name or not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"state name {name!r} must be a non-empty word (letters, digits, '-', '_')")
-            state_files[name] = f"{CHECKPOINTS_DIR}/state-{name}-{token}.safetensors"
-            save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()},
-                      str(self.partial_path / state_files[name]))
-        manifest = {"round": int(round), "rows": rows_file, "tensor_shards": shards, "state": state_files, "written": _now()}
-        _write_json_atomic(self.partial_path / CHECKPOINT_FILE, manifest)
-        self._shards, self._unsaved = shards, []
-        keep = {rows_file, *shards, *state_files.values()}
-        for old in directory.iterdir():
-            if f"{CHECKPOINTS_DIR}/{old.name}" not in keep:
-                old.unlink()
+        directory = self.partial_path / CHECKPOINTS_DIR
+        token = f"{round:06d}-{uuid.uuid4().hex[:8]}"
+        written: list[Path] = []
+        label = progress or f"step {round}"
+        with self._writing(f"the checkpoint after {label}", written):
+            directory.mkdir(parents=True, exist_ok=True)
+            rows = self.rows
+            rows_entry = self._write_file(f"{CHECKPOINTS_DIR}/rows-{token}.csv", _rows_csv(rows), written, rows=len(rows))
+            shards = list(self._published.shards)
+            if self._unsaved:
+                shard = {name: self._tensors[name] for name in self._unsaved}
+                shards.append(self._save_tensors(f"{CHECKPOINTS_DIR}/tensors-{token}.safetensors", shard, written))
+            states = dict(self._published.state)
+            for name, tensors in {**self._unsaved_state, **(state or {})}.items():
+                states[name] = self._save_tensors(f"{CHECKPOINTS_DIR}/state-{name}-{token}.safetensors",
+                                                  _cpu(tensors), written)
+            published = _Published(rows_entry, shards, states)
+            manifest = {"round": int(round), "progress": label, "meta": jsonable(dict(meta or self._meta)),
+                        "rows": rows_entry, "tensor_shards": shards, "state": states, "written": _now()}
+            previous = self.partial_path / CHECKPOINT_FILE
+            if previous.is_file():
+                _write_json_atomic(self.partial_path / PREVIOUS_CHECKPOINT_FILE, self._manifest())
+            _write_json_atomic(previous, manifest)
+            # A reopened finished run's status.json no longer describes the run once a checkpoint supersedes it.
+            (self.partial_path / STATUS_FILE).unlink(missing_ok=True)
+            keep = published.files() | self._published.files()
+            self._published, self._unsaved, self._unsaved_state = published, [], {}
+            self._meta, self._round, self.progress = manifest["meta"], int(round), label
+            _remove_strays(directory, keep, prefix=f"{CHECKPOINTS_DIR}/")
 
-    def finalize(self) -> Path:
-        """Write rows, tensors and the completion marker, then rename ``<name>.partial`` to ``<name>``; returns the run path."""
+    def finalize(self, keep_state: bool = False) -> Path:
+        """Write rows, tensors (and with ``keep_state`` the last state) and status.json, then rename ``<name>.partial`` to ``<name>``.
+
+        The order makes every crash recoverable: the final files first, then status.json with their
+        checksums, then the checkpoints are removed, then the directory is renamed.
+        """
         self._check_open()
         if self.path.exists():
             raise SpectraError(
@@ -234,54 +463,196 @@ class RunWriter:
                 f"{self.partial_path}; move that directory to a free name (without the '{PARTIAL_SUFFIX}' suffix "
                 "after checking it) or delete it and run again."
             )
-        rows = self.rows
-        _write_rows_csv(rows, self.partial_path / ROWS_CSV)
-        if find_spec("pyarrow") is not None and len(rows):
-            rows.to_parquet(self.partial_path / ROWS_PARQUET, index=False)
-        if self._tensors:
-            save_file(self._tensors, str(self.partial_path / TENSORS_FILE))
-        # A finished run holds everything its checkpoints did; the resumable state is no longer needed.
-        shutil.rmtree(self.partial_path / CHECKPOINTS_DIR, ignore_errors=True)
-        (self.partial_path / CHECKPOINT_FILE).unlink(missing_ok=True)
-        _write_json_atomic(self.partial_path / STATUS_FILE, {"complete": True, "finished": _now(),
-                                                            "rows": len(rows), "tensors": len(self._tensors)})
-        os.replace(self.partial_path, self.path)
+        written: list[Path] = []  # only temporary files: a failed finish must not remove a file a checkpoint lists
+        with self._writing("the finished run's files", written):
+            rows = self.rows
+            files = {ROWS_CSV: self._write_file(ROWS_CSV, _rows_csv(rows), [], rows=len(rows))}
+            if find_spec("pyarrow") is not None and len(rows):
+                buffer = rows.to_parquet(index=False)
+                files[ROWS_PARQUET] = self._write_file(ROWS_PARQUET, buffer, [], rows=len(rows))
+            if self._tensors:
+                files[TENSORS_FILE] = self._save_tensors(TENSORS_FILE, self._tensors, written, replace=True)
+            state_files = self._keep_state() if keep_state else {}
+            files.update(state_files)
+            status = {"complete": True, "finished": _now(), "rows": len(rows), "tensors": len(self._tensors),
+                      "round": self._round, "progress": self.progress, "meta": self._meta, "files": files}
+            _write_json_atomic(self.partial_path / STATUS_FILE, status)
+            for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+                (self.partial_path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.partial_path / CHECKPOINTS_DIR, ignore_errors=True)
+            _remove_strays(self.partial_path / STATE_DIR, set(state_files), prefix=f"{STATE_DIR}/")
+            os.replace(self.partial_path, self.path)
         self._done = True
+        if self._lock is not None:
+            self._lock.moved_to(self.path)
+            self._lock.release(remove=True)
         return self.path
+
+    def close(self) -> None:
+        """Release the run's lock without finishing it (the partial directory stays resumable)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    @contextmanager
+    def running(self) -> Iterator["RunWriter"]:
+        """The body of a run: SIGTERM/SIGINT stop it cleanly (RunInterrupted), and any exit releases the lock.
+
+        A new run that fails or stops before its first checkpoint holds nothing worth resuming, so
+        its partial directory is removed rather than left to block the next attempt.
+        """
+        try:
+            with self._signals:
+                yield self
+        except BaseException as err:
+            discard = self._new and self._round is None and not self._done
+            if discard:
+                shutil.rmtree(self.partial_path, ignore_errors=True)
+            if isinstance(err, _Stop):
+                raise RunInterrupted(self._interrupted(err.signum, discard), err.signum) from None
+            raise
+        finally:
+            self.close()
 
     def __enter__(self) -> "RunWriter":
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
-        if exc_type is None and not self._done:
-            self.finalize()
+        try:
+            if exc_type is None and not self._done:
+                self.finalize()
+        finally:
+            self.close()
 
+    # -- internals ------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._done:
             raise RuntimeError(f"run {self.path} is already finalized")
 
+    def _manifest(self) -> dict[str, Any]:
+        """The manifest of the checkpoint now in force (written as the previous one when the next replaces it)."""
+        return {"round": self._round, "progress": self.progress, "meta": self._meta, "rows": self._published.rows,
+                "tensor_shards": self._published.shards, "state": self._published.state, "written": _now()}
+
+    @contextmanager
+    def _writing(self, what: str, written: list[Path]) -> Iterator[None]:
+        """Writes that no signal interrupts; a failed write removes what it wrote and says what is intact."""
+        with self._signals.writing():
+            try:
+                yield
+            except (OSError, SafetensorError) as err:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise SpectraError(self._write_failed(what, err)) from err
+
+    def _write_file(self, name: str, data: bytes, written: list[Path], **counts: int) -> dict[str, Any]:
+        """Write ``data`` to ``name`` (atomically) and return its manifest entry."""
+        path = self.partial_path / name
+        written.append(path)
+        _write_bytes_atomic(path, data)
+        return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **counts}
+
+    def _save_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], written: list[Path],
+                      replace: bool = False) -> dict[str, Any]:
+        """Save tensors as safetensors under ``name`` (via a temporary file when ``replace``) and return its entry."""
+        path = self.partial_path / name
+        target = path.with_name(path.name + TMP_SUFFIX) if replace else path
+        written.append(target)
+        save_file(dict(tensors), str(target))
+        if replace:
+            os.replace(target, path)
+        digest, size = _digest(path)
+        return {"file": name, "sha256": digest, "bytes": size, "tensors": len(tensors)}
+
+    def _keep_state(self) -> dict[str, dict[str, Any]]:
+        """The state in force as ``state/<name>.safetensors`` (hard links, or copies where links are impossible)."""
+        (self.partial_path / STATE_DIR).mkdir(exist_ok=True)
+        kept = {}
+        for name, entry in self._published.state.items():
+            target = f"{STATE_DIR}/{name}.safetensors"
+            if entry["file"] != target:
+                source, tmp = self.partial_path / entry["file"], self.partial_path / (target + TMP_SUFFIX)
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+                os.replace(tmp, self.partial_path / target)
+            kept[target] = {**entry, "file": target}
+        return kept
+
+    def _write_failed(self, what: str, err: BaseException) -> str:
+        """One paragraph: what could not be written and why, what is intact, and how to go on."""
+        reason = _reason(err)
+        fix = _fix(err, self.partial_path)
+        if self._round is not None:
+            return (
+                f"Could not write {what} into {self.partial_path}: {reason}. Nothing written before is lost: the last "
+                f"complete checkpoint ({self.progress}) is intact. {fix}, then continue the run with "
+                f"`{self.resume_command}`."
+            )
+        return f"Could not write {what} into {self.partial_path}: {reason}. {fix}, then run the command again."
+
+    def _interrupted(self, signum: int, discarded: bool) -> str:
+        """What a stopped run tells the user: which signal, how far it got, and the resume command."""
+        name = signal.Signals(signum).name
+        if discarded:
+            return (f"Stopped by {name} before the first checkpoint, so nothing was saved and {self.partial_path} was "
+                    "removed. Run the command again.")
+        if self._round is None:
+            return (f"Stopped by {name} before the first checkpoint of this attempt. Continue the run with "
+                    f"`{self.resume_command}` (it starts from the beginning) or delete {self.partial_path}.")
+        return (f"Stopped by {name}. The run got as far as {self.progress}; that checkpoint is saved in "
+                f"{self.partial_path} and nothing was left half-written. Continue it with `{self.resume_command}`.")
+
+
+def check_run_target(out: Path | None, root: Path = Path("runs")) -> None:
+    """Refuse, before any work, an ``--out`` that exists, is being written, holds an interrupted run, or cannot be written."""
+    if out is not None:
+        path = Path(out)
+        if path.exists():
+            raise SpectraError(f"The output directory {path} already exists. Choose another --out, or delete it first.")
+        partial = _partial_of(path)
+        if partial.exists():
+            if live_writer(partial) is not None:
+                raise SpectraError(busy_message(partial))
+            raise SpectraError(
+                f"An interrupted run already occupies {partial}. Continue it with --resume {path}, or delete that "
+                "directory to start afresh."
+            )
+        target = partial
+    else:
+        target = Path(root) / "run"
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SpectraError(f"Cannot write the run directory {target.parent}: {ancestor} is a file, not a directory. "
+                           "Choose another --out.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
+        err = OSError(errno.EROFS if read_only else errno.EACCES, os.strerror(errno.EROFS if read_only else errno.EACCES))
+        raise SpectraError(
+            f"Cannot write the run directory {target.parent}: {ancestor} is not writable ({_reason(err)}). "
+            f"{_fix(err, ancestor)}, or choose --out on a writable disk."
+        )
+
 
 def create_run(command: str, config: Mapping[str, Any] | Any, out: Path | None = None,
-               root: Path = Path("runs")) -> RunWriter:
-    """Start a run of ``command``: make ``<out or root/<time>-<command>>.partial/`` and write config.json there.
+               root: Path = Path("runs"), provenance: Mapping[str, Any] | None = None) -> RunWriter:
+    """Start a run of ``command``: make and lock ``<out or root/<time>-<command>>.partial/`` and write config.json there.
 
     ``config`` is a mapping or a dataclass of every option with its resolved default; provenance
-    (versions, git commit, platform, seed/device/dtype as configured, argv) is added alongside it.
+    (versions, git commit, platform, seed/device/dtype as configured, argv, plus ``provenance``) is
+    added alongside it.
     """
     if not command or "/" in command or command.startswith("."):
         raise ValueError(f"command name {command!r} must be a plain word")
     options = jsonable(config)
     if not isinstance(options, dict):
         raise TypeError(f"config must be a mapping or a dataclass, not {type(config).__name__}")
+    check_run_target(out, root)
     if out is not None:
         path = Path(out)
-        if path.exists():
-            raise SpectraError(f"The output directory {path} already exists. Choose another --out, or delete it first.")
-        if _partial_of(path).exists():
-            raise SpectraError(
-                f"An interrupted run already occupies {_partial_of(path)}. Resume it with --resume {path}, "
-                "or delete that directory to start afresh."
-            )
     else:
         stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{command}"
         path = Path(root) / stem
@@ -290,44 +661,166 @@ def create_run(command: str, config: Mapping[str, Any] | Any, out: Path | None =
             path = Path(root) / f"{stem}-{suffix}"
             suffix += 1
     partial = _partial_of(path)
-    partial.mkdir(parents=True)
-    stored = {"command": command, "config": options, "provenance": collect_provenance(options)}
-    _write_json_atomic(partial / CONFIG_FILE, stored)
-    return RunWriter(path, command, options)
+    try:
+        partial.mkdir(parents=True)
+    except FileExistsError:
+        raise SpectraError(f"Another process started a run in {partial} just now. Choose another --out.") from None
+    except OSError as err:
+        raise SpectraError(f"Cannot create the run directory {partial}: {_reason(err)}. {_fix(err, partial.parent)}, "
+                           "or choose --out on a writable disk.") from err
+    lock = RunLock.acquire(partial)
+    stored = {"command": command, "config": options,
+              "provenance": {**collect_provenance(options), **jsonable(dict(provenance or {}))}}
+    try:
+        _write_json_atomic(partial / CONFIG_FILE, stored)
+    except OSError as err:
+        lock.release()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SpectraError(f"Cannot write {partial / CONFIG_FILE}: {_reason(err)}. {_fix(err, partial)}, "
+                           "or choose --out on a writable disk.") from err
+    return RunWriter(path, command, options, lock=lock, new=True)
 
 
-def resume_run(run_dir: Path, command: str, config: Mapping[str, Any] | Any,
-               ignore: frozenset[str] = RESUME_IGNORED) -> tuple[RunWriter, Checkpoint]:
-    """Reopen an interrupted run: a writer preloaded with its last checkpoint, and that checkpoint.
+@dataclass(frozen=True)
+class StoredRun:
+    """A run directory as ``--resume`` finds it, read without taking its lock: where it is, its command and options."""
+
+    path: Path
+    directory: Path
+    finished: bool
+    command: str
+    config: dict[str, Any]
+
+
+def inspect_run(run_dir: Path) -> StoredRun:
+    """Find the run ``run_dir`` names (``runs/X`` or ``runs/X.partial``) and read its command and options; no lock, no model."""
+    run_dir = Path(run_dir)
+    path = _run_of(run_dir)
+    partial = _partial_of(path)
+    if partial.is_dir():
+        directory, finished = partial, False
+    elif (path / STATUS_FILE).is_file():
+        directory, finished = path, True
+    elif path.is_dir():
+        raise SpectraError(
+            f"{path} is not a spectra run directory that can be continued (it has no '{STATUS_FILE}' and there is no "
+            f"{partial}). Pass the run directory printed when the run started, or start a new run without --resume."
+        )
+    else:
+        raise SpectraError(
+            f"No run at {path} (looked for {path} and {partial}). Pass the run directory printed when the run "
+            "started, or start a new run without --resume."
+        )
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise SpectraError(
+            f"{directory} has no {CONFIG_FILE}: the run was stopped before it had started, so there is nothing to "
+            f"continue. Delete {directory} and start the run again."
+        )
+    stored = _read_json(config_file, directory)
+    if not isinstance(stored.get("config"), dict):
+        raise SpectraError(f"{config_file} holds no options ('config'); the run cannot be continued. Delete "
+                           f"{directory} and start the run again.")
+    return StoredRun(path, directory, finished, str(stored.get("command", "")), stored["config"])
+
+
+def resume_run(run_dir: Path, command: str, config: Mapping[str, Any] | Any, ignore: frozenset[str] = RESUME_IGNORED,
+               extendable: frozenset[str] = frozenset()) -> tuple[RunWriter, Checkpoint]:
+    """Reopen a run to continue it: a locked writer preloaded with its last intact checkpoint, and that checkpoint.
 
     ``run_dir`` may name the run (``runs/X``) or its partial directory (``runs/X.partial``). The
-    options must equal those the run started with (except ``ignore``), because a resumed run that
-    silently changed its options would mix two experiments in one table. The loop continues
-    with round ``checkpoint.round + 1`` (or from the start when ``round`` is None) and restores
-    its own state from ``checkpoint.state``.
+    options must equal those the run started with, except ``ignore`` and the ``extendable``
+    numbers, which may grow; a finished run is reopened only when one of them grows (its last
+    state becomes the checkpoint). A resumed run that silently changed other options would mix two
+    experiments in one table. Every file is verified against its checksum before it is used.
     """
-    partial = _resolve_partial(Path(run_dir))
-    stored = _read_json(partial / CONFIG_FILE, partial)
-    if stored.get("command") != command:
+    found = inspect_run(run_dir)
+    if found.command != command:
         raise SpectraError(
-            f"Cannot resume {partial} with '{command}': it is a '{stored.get('command')}' run. "
-            f"Resume it with the command that started it, or start a new run without --resume."
+            f"Cannot resume {found.directory} with '{command}': it is a '{found.command}' run. Resume it with the "
+            "command that started it, or start a new run without --resume."
         )
     options = jsonable(config)
-    changes = _config_changes(stored.get("config", {}), options, ignore)
+    changes = config_changes(found.config, options, ignore | extendable)
     if changes:
         raise SpectraError(
-            f"Cannot resume {partial}: its options differ from those it was started with ({'; '.join(changes)}). "
-            "Resume with exactly the original options (they are in its config.json), or start a new run "
-            "without --resume."
+            f"Cannot resume {found.directory}: its options differ from those it was started with ({'; '.join(changes)}). "
+            "Resume with exactly the original options (they are in its config.json), or start a new run without --resume."
         )
-    provenance = stored.setdefault("provenance", {})
-    provenance.setdefault("resumed", []).append({"at": _now(), "command_line": list(sys.argv)})
-    _write_json_atomic(partial / CONFIG_FILE, stored)
-    checkpoint, shards = _read_checkpoint(partial)
-    writer = RunWriter(partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX)), command,
-                       stored["config"], checkpoint=checkpoint, tensor_shards=shards)
+    grown = []
+    for key in sorted(extendable):
+        old, new = found.config.get(key), options.get(key)
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old:
+            raise SpectraError(
+                f"Cannot resume {found.directory} with {_option(key)} {new}: it was started with {old}, and a run can "
+                f"be extended but never shortened. Resume with {_option(key)} {old} or more, or start a new run."
+            )
+        if old != new:
+            grown.append(f"{key} {old} -> {new}")
+    if found.finished and not grown:
+        more = f" Pass a larger {' or '.join(_option(k) for k in sorted(extendable))} to extend it, or" if extendable else ""
+        raise SpectraError(
+            f"{found.path} is a finished run; there is nothing to resume.{more} start a new run without --resume "
+            "(or with --out naming a new directory)."
+        )
+    lock = RunLock.acquire(found.directory)
+    try:
+        if found.finished:
+            checkpoint, published = _finished_checkpoint(found.path, verify_first=True)
+            try:
+                os.replace(found.path, _partial_of(found.path))
+            except OSError as err:
+                raise SpectraError(f"Cannot reopen {found.path} to extend it: {_reason(err)}. {_fix(err, found.path)} "
+                                   "and run the command again.") from err
+            lock.moved_to(_partial_of(found.path))
+        else:
+            checkpoint, published = _read_checkpoint(found.directory)
+        partial = _partial_of(found.path)
+        for directory in (partial, partial / CHECKPOINTS_DIR, partial / STATE_DIR):
+            _remove_strays(directory, set(), suffix=TMP_SUFFIX)
+        stored = _read_json(partial / CONFIG_FILE, partial)
+        stored["config"] = options
+        resumed = {"at": _now(), "command_line": list(sys.argv), "from": checkpoint.progress or "the start"}
+        if grown:
+            resumed["extended"] = grown
+        stored.setdefault("provenance", {}).setdefault("resumed", []).append(resumed)
+        try:
+            _write_json_atomic(partial / CONFIG_FILE, stored)
+        except OSError as err:
+            raise SpectraError(f"Cannot update {partial / CONFIG_FILE}: {_reason(err)}. {_fix(err, partial)} and run the "
+                               "command again.") from err
+    except BaseException:
+        lock.release()
+        raise
+    writer = RunWriter(found.path, command, options, lock=lock, checkpoint=checkpoint, published=published)
     return writer, checkpoint
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset(),
+                   keys: Iterable[str] | None = None) -> list[str]:
+    """'key: old -> new' for every option (nested ones as ``a.b``) that differs, among ``keys`` (default all) less ``ignore``."""
+    flat_old, flat_new = flatten_options(old), flatten_options(new)
+    chosen = set(flat_old) | set(flat_new) if keys is None else set(keys)
+
+    def show(options: Mapping[str, Any], key: str) -> str:
+        return json.dumps(options[key]) if key in options else "(unset)"
+
+    def ignored(key: str) -> bool:
+        return any(key == name or key.startswith(f"{name}.") for name in ignore)
+
+    return [f"{key}: {show(flat_old, key)} -> {show(flat_new, key)}" for key in sorted(chosen)
+            if not ignored(key) and ((key in flat_old) != (key in flat_new) or flat_old.get(key) != flat_new.get(key))]
+
+
+def flatten_options(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested option dicts as one level with dotted keys (``general.items_per_task``), values as JSON data."""
+    flat: dict[str, Any] = {}
+    for key, value in jsonable(options).items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -338,8 +831,12 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         if path is None:
             self._keys: list[str] = []
         else:
-            with safe_open(str(path), framework="pt") as handle:
-                self._keys = sorted(handle.keys())
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    self._keys = sorted(handle.keys())
+            except (OSError, SafetensorError) as err:
+                raise SpectraError(f"{path} is not a readable safetensors file ({err}). Restore it from a copy, or run "
+                                   "the command again into a new directory.") from err
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.path is None or name not in self._keys:
@@ -370,93 +867,251 @@ class Run:
         return self.path / FIGURES_DIR
 
 
+
 def load_run(run_dir: Path) -> Run:
-    """Read a finished run directory; a missing, interrupted or unfinished one is a SpectraError saying what to do."""
+    """Read a finished run directory, every file verified against status.json; anything else is a SpectraError saying what to do."""
     path = Path(run_dir)
     if not path.is_dir():
         partial = _partial_of(path)
         if partial.is_dir():
+            if live_writer(partial) is not None:
+                raise SpectraError(f"The run {path} is not finished yet: {busy_message(partial)}")
             raise SpectraError(
                 f"The run {path} did not finish: only its partial directory {partial} exists (the run was "
-                f"interrupted or is still running). Resume it with --resume {path}, or delete {partial}."
+                f"interrupted). Continue it with --resume {path}, or delete {partial}."
             )
         raise SpectraError(f"No run directory at {path}. Pass a directory created by a spectra command (under runs/).")
     status_file = path / STATUS_FILE
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-    if not status.get("complete"):
+    if not status_file.is_file():
+        if path.name.endswith(PARTIAL_SUFFIX) or (path / CHECKPOINT_FILE).is_file():
+            raise SpectraError(
+                f"{path} is an unfinished run (it has no '{STATUS_FILE}'). Continue it with --resume {_run_of(path)}, "
+                "or run the command again."
+            )
         raise SpectraError(
-            f"{path} is not a finished spectra run (no '{STATUS_FILE}' marking it complete): it was interrupted, "
-            f"is still running, or is not a run directory. Resume it with --resume {path}, or run the command again."
+            f"{path} is not a spectra run directory: it has no '{STATUS_FILE}' (and no {CONFIG_FILE} or checkpoint of "
+            "an unfinished run). Pass a directory created by a spectra command; they are under runs/ unless --out "
+            "named another place."
         )
+    status = _read_json(status_file, path)
+    if not status.get("complete"):
+        raise SpectraError(f"{path} is not marked complete in its {STATUS_FILE}. Run the command again into a new directory.")
+    try:
+        _verify_files(path, status)
+    except _Damaged as damaged:
+        raise SpectraError(
+            f"The run {path} is damaged: {damaged}. spectra reads no damaged run, so nothing was drawn or summarised "
+            "from it. Restore the file from a copy, or run the command again into a new directory."
+        ) from None
     stored = _read_json(path / CONFIG_FILE, path)
+    rows = _read_rows(path)
+    if "rows" in status and len(rows) != int(status["rows"]):
+        raise SpectraError(
+            f"The run {path} is damaged: its rows file holds {len(rows)} rows, but {STATUS_FILE} records "
+            f"{status['rows']}. Restore the file from a copy, or run the command again into a new directory."
+        )
     tensors_file = path / TENSORS_FILE
+    if status.get("tensors") and not tensors_file.is_file():
+        raise SpectraError(
+            f"The run {path} is damaged: {TENSORS_FILE} is missing, but {STATUS_FILE} records {status['tensors']} "
+            "tensors. Restore the file from a copy, or run the command again into a new directory."
+        )
     return Run(
         path=path,
         command=stored.get("command", ""),
         config=stored.get("config", {}),
         provenance=stored.get("provenance", {}),
-        rows=_read_rows(path),
+        rows=rows,
         tensors=LazyTensors(tensors_file if tensors_file.is_file() else None),
     )
 
 
-def _read_checkpoint(partial: Path) -> tuple[Checkpoint, list[str]]:
-    """The checkpoint a partial run last published (empty, round None, when it published none) and its tensor shards."""
-    manifest_file = partial / CHECKPOINT_FILE
-    if not manifest_file.is_file():
-        return Checkpoint(round=None, rows=pd.DataFrame(), tensors={}, state={}), []
-    manifest = _read_json(manifest_file, partial)
+class _Damaged(Exception):
+    """A checkpoint or run file that fails its checks; the message names the file and what is wrong."""
+
+
+def _check_entry(directory: Path, entry: Mapping[str, Any]) -> None:
+    """Raise _Damaged unless ``entry['file']`` exists with the recorded size and sha256."""
+    name = entry["file"]
+    path = directory / name
+    if not path.is_file():
+        raise _Damaged(f"{name} is missing")
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        raise _Damaged(f"{name} holds {size} bytes, but {entry['bytes']} were written (it was truncated or overwritten)")
+    if _digest(path)[0] != entry["sha256"]:
+        raise _Damaged(f"{name} does not match the checksum recorded when it was written (its contents changed)")
+
+
+def _verify_files(directory: Path, status: Mapping[str, Any]) -> None:
+    """Check every file a finished run's status.json lists (runs written before checksums list none)."""
+    files = status.get("files", {})
+    if not isinstance(files, dict):
+        raise _Damaged(f"{STATUS_FILE} lists its files in an unknown form")
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or entry.get("file") != name or "sha256" not in entry:
+            raise _Damaged(f"{STATUS_FILE} has a malformed entry for {name}")
+        _check_entry(directory, entry)
+
+
+def _load_manifest(partial: Path, name: str) -> dict[str, Any] | None:
+    """A checkpoint manifest with every file it lists verified; None when absent, _Damaged when anything fails."""
+    path = partial / name
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _Damaged(f"{name} cannot be read ({err})") from None
+
+    def entry_ok(entry: object) -> bool:
+        return isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("round"), int) and entry_ok(manifest.get("rows"))
+            and isinstance(manifest.get("tensor_shards"), list) and all(map(entry_ok, manifest["tensor_shards"]))
+            and isinstance(manifest.get("state"), dict) and all(map(entry_ok, manifest["state"].values()))):
+        raise _Damaged(f"{name} is not a checkpoint manifest that this version of spectra wrote")
+    for entry in [manifest["rows"], *manifest["tensor_shards"], *manifest["state"].values()]:
+        try:
+            _check_entry(partial, entry)
+        except _Damaged as damaged:
+            raise _Damaged(f"{damaged} (listed in {name})") from None
+    return manifest
+
+
+def _checkpoint_from_manifest(partial: Path, manifest: Mapping[str, Any]) -> tuple[Checkpoint, _Published]:
+    """Load the rows, tensors and state a verified manifest lists."""
+    rows = _read_rows_csv(partial / manifest["rows"]["file"])
+    if len(rows) != manifest["rows"].get("rows", len(rows)):
+        raise _Damaged(f"{manifest['rows']['file']} holds {len(rows)} rows, but {manifest['rows']['rows']} were written")
     tensors: dict[str, torch.Tensor] = {}
     for shard in manifest["tensor_shards"]:
-        tensors.update(load_file(str(partial / shard)))
-    state = {name: load_file(str(partial / file)) for name, file in manifest["state"].items()}
-    rows = _read_rows_csv(partial / manifest["rows"])
-    return Checkpoint(round=int(manifest["round"]), rows=rows, tensors=tensors, state=state), list(manifest["tensor_shards"])
+        tensors.update(load_file(str(partial / shard["file"])))
+    state = {name: load_file(str(partial / entry["file"])) for name, entry in manifest["state"].items()}
+    checkpoint = Checkpoint(round=manifest["round"], rows=rows, tensors=tensors, state=state,
+                            meta=dict(manifest.get("meta") or {}), progress=str(manifest.get("progress", "")))
+    return checkpoint, _Published(manifest["rows"], list(manifest["tensor_shards"]), dict(manifest["state"]))
 
 
-def _resolve_partial(run_dir: Path) -> Path:
-    if run_dir.name.endswith(PARTIAL_SUFFIX) and run_dir.is_dir():
-        return run_dir
-    partial = _partial_of(run_dir)
-    if partial.is_dir():
-        return partial
-    if (run_dir / STATUS_FILE).is_file():
+def _finished_checkpoint(directory: Path, verify_first: bool = True) -> tuple[Checkpoint, None]:
+    """A finished run's files (status.json, rows, tensors, state/) as the checkpoint a continuation starts from.
+
+    Returns no published entries: the writer rewrites all of it into its first checkpoint, so no
+    checkpoint ever refers to the files that ``finalize`` replaces.
+    """
+    status = _read_json(directory / STATUS_FILE, directory)
+    if verify_first:
+        try:
+            _verify_files(directory, status)
+        except _Damaged as damaged:
+            raise SpectraError(
+                f"Cannot continue {directory}: {damaged}. Restore the file from a copy, or start a new run."
+            ) from None
+    if not isinstance(status.get("files"), dict) or ROWS_CSV not in status["files"]:
+        raise SpectraError(f"{directory} was written by an older spectra without checksums and cannot be continued; "
+                           "start a new run.")
+    tensors = load_file(str(directory / TENSORS_FILE)) if TENSORS_FILE in status["files"] else {}
+    state = {Path(name).stem: load_file(str(directory / name)) for name in status["files"]
+             if name.startswith(f"{STATE_DIR}/")}
+    checkpoint = Checkpoint(round=status.get("round"), rows=_read_rows_csv(directory / ROWS_CSV), tensors=tensors,
+                            state=state, meta=dict(status.get("meta") or {}), progress=str(status.get("progress", "")))
+    return checkpoint, None
+
+
+def _read_checkpoint(partial: Path) -> tuple[Checkpoint, _Published | None]:
+    """The newest intact snapshot of a partial run: checkpoint.json, else finished files, else checkpoint.previous.json.
+
+    Every file is verified first. Falling back says so in ``Checkpoint.note``; when files exist
+    but none is intact, the run is refused, since resuming from damaged data would finish it silently.
+    A run that never checkpointed starts from the beginning (round None).
+    """
+    problems: list[str] = []
+
+    def current() -> tuple[Checkpoint, _Published | None] | None:
+        manifest = _load_manifest(partial, CHECKPOINT_FILE)
+        if manifest is None and (partial / PREVIOUS_CHECKPOINT_FILE).is_file():
+            raise _Damaged(f"{CHECKPOINT_FILE} is missing")
+        return None if manifest is None else _checkpoint_from_manifest(partial, manifest)
+
+    def finished() -> tuple[Checkpoint, _Published | None] | None:
+        if not (partial / STATUS_FILE).is_file():
+            return None
+        try:
+            status = json.loads((partial / STATUS_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _Damaged(f"{STATUS_FILE} cannot be read ({err})") from None
+        if not status.get("complete"):
+            return None
+        _verify_files(partial, status)
+        return _finished_checkpoint(partial, verify_first=False)
+
+    def previous() -> tuple[Checkpoint, _Published | None] | None:
+        manifest = _load_manifest(partial, PREVIOUS_CHECKPOINT_FILE)
+        return None if manifest is None else _checkpoint_from_manifest(partial, manifest)
+
+    sources = ((current, "its last checkpoint"), (finished, "the files it had finished writing"),
+               (previous, "the checkpoint before the last one"))
+    for load, what in sources:
+        try:
+            found = load()
+        except _Damaged as damaged:
+            problems.append(str(damaged))
+            continue
+        if found is not None:
+            checkpoint, published = found
+            if problems or load is finished:
+                damage = f" because {'; '.join(problems)}" if problems else ""
+                checkpoint.note = (f"Continuing {partial} from {what} ({checkpoint.progress}){damage}; "
+                                   "no damaged file is used.")
+            return checkpoint, published
+    if problems:
         raise SpectraError(
-            f"{run_dir} is a finished run; there is nothing to resume. Start a new run without --resume "
-            "(or with --out naming a new directory)."
+            f"Cannot resume {partial}: its checkpoints are damaged ({'; '.join(problems)}) and no earlier one is "
+            f"intact. spectra does not finish a run from damaged data: delete {partial} and run the command again."
         )
-    raise SpectraError(
-        f"No interrupted run at {run_dir} (looked for {partial}). Pass the run directory printed when the "
-        "run started, or start a new run without --resume."
-    )
+    return Checkpoint(round=None, rows=pd.DataFrame(), tensors={}, state={}), _Published()
 
 
-def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str]) -> list[str]:
-    """'key: old -> new' for every option that differs, ignoring ``ignore``."""
-    def show(options: Mapping[str, Any], key: str) -> str:
-        return json.dumps(options[key]) if key in options else "(unset)"
+def _run_of(directory: Path) -> Path:
+    """The run's own path for a run or partial directory (``runs/X.partial`` -> ``runs/X``)."""
+    directory = Path(directory)
+    if directory.name.endswith(PARTIAL_SUFFIX):
+        return directory.with_name(directory.name.removesuffix(PARTIAL_SUFFIX))
+    return directory
 
-    return [f"{key}: {show(old, key)} -> {show(new, key)}" for key in sorted((set(old) | set(new)) - ignore)
-            if (key in old) != (key in new) or old.get(key) != new.get(key)]
+
+def _option(key: str) -> str:
+    """An option key as the command line spells it (``rounds`` -> ``--rounds``)."""
+    return "--" + key.replace("_", "-")
 
 
 def _partial_of(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def _write_rows_csv(rows: pd.DataFrame, path: Path) -> None:
-    """Rows as CSV with ``metric`` and ``value`` last (easier to read), via a temporary file and os.replace."""
+def _remove_strays(directory: Path, keep: set[str], prefix: str = "", suffix: str = "") -> None:
+    """Delete files in ``directory`` (ending in ``suffix``) whose ``prefix + name`` is not in ``keep``."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.is_file() and path.name.endswith(suffix) and f"{prefix}{path.name}" not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _rows_csv(rows: pd.DataFrame) -> bytes:
+    """Rows as CSV bytes with ``metric`` and ``value`` last (easier to read)."""
     if len(rows.columns):
         tail = [c for c in ("metric", "value") if c in rows.columns]
         rows = rows[[c for c in rows.columns if c not in tail] + tail]
-    tmp = path.with_name(path.name + ".tmp")
-    rows.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    buffer = StringIO()
+    rows.to_csv(buffer, index=False)
+    return buffer.getvalue().encode("utf-8")
 
 
 def _read_rows_csv(path: Path) -> pd.DataFrame:
+    """Rows read back exactly as written (round-trip float parsing; text columns as strings)."""
     try:
-        return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
+        return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, float_precision="round_trip")
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
 
@@ -469,20 +1124,69 @@ def _read_rows(directory: Path) -> pd.DataFrame:
 
 def _read_json(path: Path, run: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpectraError(f"{run} is damaged: cannot read {path.name} ({err}). Run the command again into a new directory.") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpectraError(f"{run} is damaged: cannot read {path.name} ({err}). Run the command again into a new "
+                           "directory.") from err
+    if not isinstance(data, dict):
+        raise SpectraError(f"{run} is damaged: {path.name} does not hold a JSON object. Run the command again into a "
+                           "new directory.")
+    return data
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes so a reader sees either the old file or the whole new one, never half of it."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON so a reader sees either the old file or the whole new one, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """JSON through ``_write_bytes_atomic``."""
+    _write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+
+def _reason(err: BaseException) -> str:
+    """An OS error in words with its errno name ('No space left on device (ENOSPC)'), else the error's text."""
+    code = getattr(err, "errno", None)
+    if isinstance(err, OSError) and code in errno.errorcode:
+        return f"{os.strerror(code)} ({errno.errorcode[code]})"
+    return str(err) or type(err).__name__
+
+
+def _fix(err: BaseException, where: Path) -> str:
+    """What to do about a failed write, by cause."""
+    code = getattr(err, "errno", None)
+    text = str(err).lower()
+    if code in (errno.ENOSPC, errno.EDQUOT) or "no space" in text:
+        return f"Free disk space on the device that holds {where}"
+    if code == errno.EROFS or "read-only" in text:
+        return f"The file system that holds {where} is read-only: remount it writable or move the run to a writable disk"
+    if code in (errno.EACCES, errno.EPERM) or "permission" in text:
+        return f"Make {where} writable for this user"
+    return "Fix the cause"
 
 
 def _git_state(directory: Path) -> tuple[str | None, bool | None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from spectra import results
 from spectra.errors import SpectraError
 from spectra.results import (
     Checkpoint,
@@ -87,7 +90,7 @@ def test_interrupted_run_leaves_nothing_complete(tmp_path: Path) -> None:
     assert not (tmp_path / "run.partial" / "status.json").exists()
     with pytest.raises(SpectraError, match="did not finish"):
         load_run(tmp_path / "run")
-    with pytest.raises(SpectraError, match="not a finished spectra run"):
+    with pytest.raises(SpectraError, match="is an unfinished run"):
         load_run(tmp_path / "run.partial")
     with pytest.raises(SpectraError, match="No run directory"):
         load_run(tmp_path / "elsewhere")
@@ -134,7 +137,7 @@ def test_resume_with_different_config_fails(tmp_path: Path) -> None:
         resume_run(out, "drift", {**CONFIG, "rounds": 5})
     with pytest.raises(SpectraError, match="'drift' run"):
         resume_run(out, "probe", CONFIG)
-    with pytest.raises(SpectraError, match="No interrupted run"):
+    with pytest.raises(SpectraError, match="No run at"):
         resume_run(tmp_path / "other", "drift", CONFIG)
     finished = create_run("drift", CONFIG, out=tmp_path / "done")
     finished.finalize()
@@ -143,10 +146,46 @@ def test_resume_with_different_config_fails(tmp_path: Path) -> None:
 
 
 def test_checkpoint_keeps_only_files_in_force(tmp_path: Path) -> None:
-    """Each checkpoint replaces the previous rows and state files but keeps every tensor shard still needed."""
+    """Each checkpoint keeps the files of itself and the one before (the fallback), and every tensor shard still needed."""
     writer = create_run("drift", CONFIG, out=tmp_path / "run")
     for round_ in range(3):
         writer.add_tensors({f"t{round_}": torch.zeros(1)})
         writer.checkpoint(round_, state={"editor": {"x": torch.zeros(1)}})
     names = sorted(p.name.split("-")[0] for p in (writer.partial_path / "checkpoints").iterdir())
-    assert names == ["rows", "state", "tensors", "tensors", "tensors"]
+    assert names == ["rows", "rows", "state", "state", "tensors", "tensors", "tensors"]
+    previous = json.loads((writer.partial_path / "checkpoint.previous.json").read_text())
+    assert previous["round"] == 1 and len(previous["tensor_shards"]) == 2
+
+
+def test_one_writer_per_run_directory(tmp_path: Path) -> None:
+    """A second writer, fresh or resuming, is refused with the live process named; the lock goes with the writer."""
+    out = tmp_path / "run"
+    writer = create_run("drift", CONFIG, out=out)
+    writer.checkpoint(0)
+    for attempt in (lambda: create_run("drift", CONFIG, out=out), lambda: resume_run(out, "drift", CONFIG)):
+        with pytest.raises(SpectraError, match=f"being written by process {os.getpid()}"):
+            attempt()
+    writer.close()
+    resumed, checkpoint = resume_run(out, "drift", CONFIG)
+    assert checkpoint.round == 0
+    resumed.finalize()
+    assert not (out / ".lock").exists() and load_run(out).path == out
+
+
+def test_a_write_failure_names_the_cause_and_the_intact_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk during a checkpoint leaves the previous checkpoint in force and says how to resume."""
+    writer = create_run("drift", CONFIG, out=tmp_path / "run")
+    writer.add_rows(_rows(0))
+    writer.checkpoint(0, progress="round 0")
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(results, "_write_bytes_atomic", full)
+    writer.add_rows(_rows(1))
+    with pytest.raises(SpectraError, match=r"No space left on device \(ENOSPC\).*\(round 0\) is intact.*--resume"):
+        writer.checkpoint(1, progress="round 1")
+    monkeypatch.undo()
+    writer.close()
+    _, checkpoint = resume_run(tmp_path / "run", "drift", CONFIG)
+    assert checkpoint.progress == "round 0" and len(checkpoint.rows) == 2

@@ -3,14 +3,15 @@
 Every arm runs over the same requests in the same order, starting from the same original weights
 (restored between arms) with a freshly built editor, so REVIVE on and off differ only by the
 filter. After every round the loop calls the observers and hands their rows, plus everything
-needed to resume (the edited weights and the editor's state), to ``on_round`` for checkpointing.
+needed to resume the arm (the edited weights and the editor's state), to ``on_round`` for
+checkpointing; ``run`` continues each arm from such a state.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -45,21 +46,35 @@ class Observer(Protocol):
 
 
 @dataclass(frozen=True)
-class ResumePoint:
-    """Where an interrupted run stopped: the arm index and its last finished round, with saved state."""
+class ArmState:
+    """Where one arm of an interrupted (or finished) run stands: its last finished round, the edited weights, the editor's state."""
 
-    arm_index: int
     round: int
     weights: dict[Site, torch.Tensor]
     editor_state: dict[str, torch.Tensor]
 
 
-RoundCallback = Callable[[Arm, int, int, RoundRecord, dict[str, dict[str, torch.Tensor]]], None]
+#: Called after every round (0 = before editing) with the arm, its index, the round, what the observers
+#: measured, and the arm's state as flat named tensors (``arm_state_tensors``) for checkpointing.
+RoundCallback = Callable[[Arm, int, int, RoundRecord, dict[str, torch.Tensor]], None]
 
 
-def site_key(site: Site) -> str:
-    """A safetensors-friendly name for a site's tensor in checkpoint state."""
-    return str(site)
+def arm_state_tensors(weights: dict[Site, torch.Tensor], editor_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An arm's state as one flat dict of tensors: ``weight.<site>`` and ``editor.<name>``."""
+    flat = {f"weight.{site}": weight for site, weight in weights.items()}
+    flat.update({f"editor.{name}": tensor for name, tensor in editor_state.items()})
+    return flat
+
+
+def arm_state(round: int, tensors: dict[str, torch.Tensor], sites: Sequence[Site]) -> ArmState:
+    """Rebuild an ArmState from the flat tensors ``arm_state_tensors`` wrote; a checkpoint lacking a site is an error."""
+    missing = [str(s) for s in sites if f"weight.{s}" not in tensors]
+    if missing:
+        raise SpectraError(
+            f"The checkpoint lacks the weights of {', '.join(missing)}; it cannot be resumed. Start the run afresh."
+        )
+    editor = {name.removeprefix("editor."): t for name, t in tensors.items() if name.startswith("editor.")}
+    return ArmState(round, {s: tensors[f"weight.{s}"] for s in sites}, editor)
 
 
 class EditLoop:
@@ -113,16 +128,21 @@ class EditLoop:
             merged.tensors.update(record.tensors)
         return merged
 
-    def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: ResumePoint | None = None) -> None:
-        """Run every arm (from ``resume`` on, if given); restores the original weights at the end."""
+    def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: Mapping[str, ArmState] | None = None) -> None:
+        """Run every arm, each from its own state in ``resume`` (by arm name) when it has one; restores the original weights at the end.
+
+        An arm whose state is at the last round is skipped; one with an earlier state continues
+        after it (that is also how a finished run is extended with more rounds); the others start
+        from the original weights with round 0.
+        """
         for arm_index, arm in enumerate(arms):
-            if resume is not None and arm_index < resume.arm_index:
+            state = (resume or {}).get(arm.name)
+            if state is not None and state.round >= self.rounds:
                 continue
-            continuing = resume is not None and arm_index == resume.arm_index
-            self._run_arm(arm_index, arm, on_round, resume if continuing else None)
+            self._run_arm(arm_index, arm, on_round, state)
         self.restore()
 
-    def _run_arm(self, arm_index: int, arm: Arm, on_round: RoundCallback, resume: ResumePoint | None) -> None:
+    def _run_arm(self, arm_index: int, arm: Arm, on_round: RoundCallback, resume: ArmState | None) -> None:
         editor = self.make_editor()
         if resume is None:
             self.restore()
@@ -134,7 +154,7 @@ class EditLoop:
             editor.load_state_dict(resume.editor_state)
             start = resume.round
         site_filter = self.make_filter(arm)
-        if start == 0:
+        if resume is None:
             began = time.perf_counter()
             record = self.observe(arm, 0)
             record.rows.append(_timing(arm, 0, "seconds_observe", time.perf_counter() - began))
@@ -151,21 +171,10 @@ class EditLoop:
             record.rows.append(_timing(arm, round, "seconds_observe", time.perf_counter() - began))
             on_round(arm, arm_index, round, record, self._state(editor))
 
-    def _state(self, editor: Editor) -> dict[str, dict[str, torch.Tensor]]:
-        """What resuming needs: the edited sites' weights and the editor's cross-round state."""
-        weights = {site_key(site): self.model.adapter.read(site).clone() for site in self.sites}
-        return {"weights": weights, "editor": editor.state_dict()}
-
-
-def resume_point(arm_index: int, round: int, state: dict[str, dict[str, torch.Tensor]], sites: Sequence[Site]) -> ResumePoint:
-    """Rebuild a ResumePoint from checkpointed state written by ``EditLoop``."""
-    saved = state.get("weights", {})
-    missing = [str(s) for s in sites if site_key(s) not in saved]
-    if missing:
-        raise SpectraError(
-            f"The checkpoint lacks the weights of {', '.join(missing)}; it cannot be resumed. Start the run afresh."
-        )
-    return ResumePoint(arm_index, round, {s: saved[site_key(s)] for s in sites}, dict(state.get("editor", {})))
+    def _state(self, editor: Editor) -> dict[str, torch.Tensor]:
+        """What resuming the arm needs: the edited sites' weights and the editor's cross-round state."""
+        weights = {site: self.model.adapter.read(site).clone() for site in self.sites}
+        return arm_state_tensors(weights, editor.state_dict())
 
 
 def _timing(arm: Arm, round: int, metric: str, seconds: float) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -18,7 +20,7 @@ from spectra.data.records import EditRequest
 from spectra.editing.base import Editor
 from spectra.editing.filters import IdentityFilter, ReviveFilter, SiteFilter
 from spectra.editing.hparams import KNOWN_MODELS
-from spectra.editing.loop import Arm, EditLoop, RoundRecord, resume_point
+from spectra.editing.loop import Arm, ArmState, EditLoop, RoundRecord, arm_state
 from spectra.errors import SpectraError
 from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, prepare_counterfact
 from spectra.evaluation.general import GeneralAbility, HeldoutText
@@ -26,20 +28,24 @@ from spectra.evaluation.representations import hidden_states, joint_tsne, shift_
 from spectra.evaluation.rows import aggregate
 from spectra.editing.stats import read_corpus, sample_keys
 from spectra.experiments.common import (
-    CommonOptions, GeneralOptions, ability_rows, default_dataset, general_ability, heldout_text, open_model, world_dir,
+    CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, general_ability, heldout_text,
+    open_model, usable_records, world_dir,
 )
-from spectra.models.loading import LoadedModel
+from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer, model_width
 from spectra.models.sites import Site
 from spectra.models.tiny import WORLD_FILES
-from spectra.results import create_run, resume_run, ss_key
+from spectra.results import (
+    RESUME_IGNORED, Checkpoint, busy_message, check_run_target, config_changes, create_run, flatten_options,
+    inspect_run, jsonable, live_writer, resume_run, ss_key,
+)
 from spectra.spectral import (
     ReviveProjector, Spectrum, drift_stats, functional_change, ls, rank_for_energy, relative_change_rate, ss, ss_best_match, ss_summary, svd,
 )
 
-#: Reference metric names -> the names the paper's figures use.
 #: Corpus documents whose keys measure each round's functional change (``functional_change`` rows).
 FUNCTIONAL_DOCUMENTS = 400
 
+#: Reference metric names -> the names the paper's figures use.
 EDIT_METRIC_NAMES = {
     "rewrite_success": "efficacy", "paraphrase_success": "paraphrase", "neighborhood_success": "neighborhood",
     "rewrite_diff": "efficacy_magnitude", "paraphrase_diff": "paraphrase_magnitude",
@@ -67,6 +73,7 @@ class DriftConfig(CommonOptions):
     tsne: bool = False
     stats_corpus: Path | None = None
     general: GeneralOptions = field(default_factory=GeneralOptions)
+    skip_bad_records: bool = False
     resume: Path | None = None
 
     def validate(self) -> None:
@@ -86,8 +93,15 @@ class DriftConfig(CommonOptions):
             raise SpectraError(f"--refresh must be original or current, not {self.refresh!r}.")
         if self.placement not in (None, "after", "in_solve"):
             raise SpectraError(f"--placement must be after or in_solve, not {self.placement!r}.")
+        if self.editor == "nse" and self.placement == "in_solve":
+            raise SpectraError("NSE places REVIVE after its neuron-sparse solve only (it has no orthonormal key basis to "
+                               "solve on): use --placement after, or leave --placement out.")
         if self.ss_every < 1 or self.eval_records < 1 or self.represent_prompts < 0:
-            raise SpectraError("--ss-every and --eval-records must be at least 1 and --represent-prompts at least 0.")
+            raise SpectraError(
+                f"--ss-every and --eval-records must be at least 1 and --represent-prompts at least 0 (got "
+                f"{self.ss_every}, {self.eval_records}, {self.represent_prompts})."
+            )
+        self.general.validate()
 
     def arms(self) -> list[Arm]:
         """The off arm and/or one REVIVE arm per tau, in that order."""
@@ -245,13 +259,16 @@ class RepresentationShift:
         return RoundRecord(rows=rows)
 
 
-def held_out_prompts(records: Sequence[dict], edited: int, count: int) -> list[tuple[str, str]]:
-    """(template, subject) prompts of records that are never edited in this run (facts the edits should spare)."""
-    spare = records[edited : edited + count]
+def held_out_prompts(records: Sequence[dict], count: int) -> list[tuple[str, str]]:
+    """(template, subject) prompts of the last ``count`` records, which a run never edits (facts the edits should spare).
+
+    Taken from the end so that they stay the same when a run is extended with more rounds.
+    """
+    spare = records[len(records) - count:] if count else []
     return [(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"]) for r in spare]
 
 
-def editor_defaults(model: LoadedModel, config: DriftConfig) -> tuple[str, Path]:
+def editor_defaults(model: LoadedModel | str, config: DriftConfig) -> tuple[str, Path]:
     """Which per-model hyperparameter defaults apply, and the text corpus for the key statistics.
 
     A tiny-world model (the embedded one or one retrained elsewhere) uses the ``tiny`` defaults and
@@ -259,18 +276,23 @@ def editor_defaults(model: LoadedModel, config: DriftConfig) -> tuple[str, Path]
     """
     directory = world_dir(model)
     if directory is not None:
-        return "tiny", config.stats_corpus or directory / WORLD_FILES["corpus"]
-    if config.model not in KNOWN_MODELS:
+        corpus = config.stats_corpus or directory / WORLD_FILES["corpus"]
+    elif config.model not in KNOWN_MODELS:
         raise SpectraError(
             f"spectra has editor defaults for {', '.join(KNOWN_MODELS)} only, not for {config.model!r}. Use one of "
             "those aliases, or build the editor's hyperparameters yourself through the Python API."
         )
-    if config.stats_corpus is None:
+    elif config.stats_corpus is None:
         raise SpectraError(
             "Editing a real model needs a text corpus for the key statistics E[k k^T]: pass --stats-corpus FILE (one "
             "document per line, e.g. a Wikipedia dump you have locally). spectra never downloads one silently."
         )
-    return config.model, config.stats_corpus
+    else:
+        corpus = config.stats_corpus
+    if not Path(corpus).is_file():
+        raise SpectraError(f"The statistics corpus {corpus} does not exist; give --stats-corpus a text file, one "
+                           "document per line.")
+    return ("tiny" if directory is not None else config.model), Path(corpus)
 
 
 #: Edits per round as a share of the model's width: the REVIVE paper's 100 edits a round on Llama-3-8B,
@@ -279,84 +301,215 @@ def editor_defaults(model: LoadedModel, config: DriftConfig) -> tuple[str, Path]
 EDITS_PER_WIDTH = 100 / 4096
 
 
-def default_batch_size(model: LoadedModel) -> int:
-    """Edits per round for ``model``: ``EDITS_PER_WIDTH`` of its hidden size (100 on 4,096-wide models, 6 on tiny)."""
-    width = model.adapter.shape(Site(0, "mlp.down"))[0]
+def default_batch_size(width: int) -> int:
+    """Edits per round for a model ``width`` wide: ``EDITS_PER_WIDTH`` of it (100 on 4,096-wide models, 6 on tiny)."""
     return max(1, round(EDITS_PER_WIDTH * width))
 
 
-def run_drift(config: DriftConfig, progress: bool = True) -> Path:
-    """Run (or resume) a drift experiment and write its run directory; returns the run's path."""
+#: Options whose command-line name is not the field name with dashes.
+OPTION_NAMES = {"general.tasks": "--tasks", "general.items_per_task": "--items-per-task", "general.data_dir": "--glue-dir"}
+
+
+def option_name(key: str) -> str:
+    """The command-line option of a (dotted) config key."""
+    return OPTION_NAMES.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def resumed_config(config: DriftConfig, given: Collection[str] | None = None) -> DriftConfig:
+    """The options a resumed drift run uses: the run's own from its config.json, the ``given`` ones checked against them.
+
+    ``given`` names the (dotted) options the caller set explicitly; None means those that differ
+    from DriftConfig's defaults. They must equal the run's own, except ``rounds``, which may grow to
+    extend the run. Read before the model loads, so a wrong option costs nothing.
+    """
+    found = inspect_run(config.resume)
+    if live_writer(found.directory) is not None:
+        raise SpectraError(busy_message(found.directory))
+    if found.command != "drift":
+        raise SpectraError(f"{found.directory} is a '{found.command}' run, not a drift run; resume it with "
+                           f"`spectra {found.command}`, or start a new drift run without --resume.")
+    new = flatten_options(jsonable(config))
+    if given is None:
+        defaults = flatten_options(jsonable(DriftConfig()))
+        given = {key for key, value in new.items() if defaults.get(key) != value}
+    changes = config_changes(found.config, jsonable(config), RESUME_IGNORED | {"rounds"}, keys=given)
+    if changes:
+        named = "; ".join(f"{option_name(change.split(':', 1)[0])}{change[change.index(':'):]}" for change in changes)
+        raise SpectraError(
+            f"Cannot resume {found.path}: options given differ from the run's own (run's -> given: {named}). Leave them "
+            "out (a bare --resume DIR takes every option from the run's config.json; only --rounds may be larger, to "
+            "extend the run), or start a new run without --resume."
+        )
+    options = dict(found.config)
+    options["resume"] = str(config.resume)
+    if "rounds" in given:
+        options["rounds"] = config.rounds
+        if options["editor"] == "nse" and config.rounds > found.config.get("rounds", config.rounds):
+            raise SpectraError(
+                f"Cannot extend {found.path}: NSE computes every request's target on the unedited model before round 1, "
+                "and a finished NSE run no longer has that model. Start a new run with the number of rounds you need."
+            )
+    return config_from_json(DriftConfig, options)
+
+
+@dataclass
+class DriftInputs:
+    """Everything a drift run reads before its model loads, each checked: the records, probes, corpus and defaults."""
+
+    records: list[dict]
+    skipped: list[int]
+    ability: GeneralAbility
+    text: HeldoutText | None
+    defaults: str
+    corpus: Path
+    tokenizer: object
+
+    @property
+    def provenance(self) -> dict[str, object]:
+        """What config.json records about the inputs beyond the options (records left out by --skip-bad-records)."""
+        return {"skipped_records": {"count": len(self.skipped), "case_ids": self.skipped}} if self.skipped else {}
+
+
+def drift_inputs(config: DriftConfig) -> DriftInputs:
+    """Read and check every input of a drift run, cheapest first, before the model's weights load.
+
+    Resolves ``config.batch_size`` from the model's width (config.json records the value used).
+    """
+    check_model_source(config.model)
+    defaults, corpus = editor_defaults(config.model, config)
+    ability = general_ability(config.model, config.general, config.seed)
+    text = heldout_text(config.model, config.general)
+    if config.batch_size is None:
+        config.batch_size = default_batch_size(model_width(config.model, config.allow_download))
+    dataset = default_dataset(config.model) if config.dataset == "auto" else config.dataset
+    _, records = resolve_dataset(dataset, model_name=config.model)
+    needed, spare = config.rounds * config.batch_size, config.represent_prompts
+
+    def check_count(available: int, skipped: int) -> None:
+        if needed + spare > available:
+            left_out = f" once the {skipped} bad ones are left out" if skipped else ""
+            raise SpectraError(
+                f"{config.rounds} rounds of {config.batch_size} edits and {spare} held-out prompts need "
+                f"{needed + spare} records, but {dataset} has {available}{left_out}. Use fewer --rounds, a smaller "
+                "--batch-size or fewer --represent-prompts, or a larger dataset."
+            )
+
+    skipped: list[int] = []
+    if not config.skip_bad_records:
+        check_count(len(records), 0)
+    tokenizer = load_tokenizer(config.model, config.allow_download)
+    if config.skip_bad_records:
+        records, skipped = usable_records(records, tokenizer, dataset, skip=True)
+        check_count(len(records), len(skipped))
+    else:
+        usable_records(records[:needed] + records[len(records) - spare:] if spare else records[:needed],
+                       tokenizer, dataset, skip=False)
+    return DriftInputs(records, skipped, ability, text, defaults, corpus, tokenizer)
+
+
+def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str] | None = None) -> Path:
+    """Run, resume or extend a drift experiment and write its run directory; returns the run's path.
+
+    Every cheap check (options, files, dataset, tokenizer, the run directory and its lock) comes
+    before the model loads. With ``config.resume`` the run's own options apply (see
+    ``resumed_config``; ``given`` names the options the caller set). SIGTERM/SIGINT stop the run
+    between checkpoints with a message saying how to resume (``RunInterrupted``).
+    """
     from spectra.editing import make_editor
     from spectra.plots import plot_run
 
+    if config.resume is not None:
+        config = resumed_config(config, given)
     config.validate()
     arms = config.arms()
-    model = open_model(config)
-    if config.batch_size is None:
-        config.batch_size = default_batch_size(model)
-    dataset = default_dataset(model) if config.dataset == "auto" else config.dataset
-    needed = config.rounds * config.batch_size
-    _, records = resolve_dataset(dataset, model_name=config.model, limit=needed + config.represent_prompts)
-    requests = [EditRequest.from_counterfact(r) for r in records[:needed]]
-
-    defaults, corpus = editor_defaults(model, config)
-    overrides = {"seed": config.seed}
-    if config.placement is not None:
-        overrides["revive_placement"] = config.placement
-
-    def new_editor() -> Editor:
-        return make_editor(config.editor, defaults, corpus=corpus, progress=progress, **overrides)
-
-    loop_sites = new_editor().edited_sites(model)
-    originals = {site: model.adapter.read(site).float().cpu() for site in loop_sites}
-    spectra0 = {site: svd(W) for site, W in originals.items()}
-    down_sites = [site for site in loop_sites if site.kind == "mlp.down"]
-    keys = sample_keys(model, [site.layer for site in down_sites], read_corpus(corpus, FUNCTIONAL_DOCUMENTS))
-    corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
-
-    def make_filter(arm: Arm) -> SiteFilter:
-        if arm.tau is None:
-            return IdentityFilter()
-        return ReviveFilter({s: ReviveProjector(spectra0[s], arm.tau) for s in loop_sites}, arm.tau, config.refresh)
-
-    observers = [
-        SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds, corpus_keys),
-        EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed),
-        GeneralAbilityObserver(general_ability(model, config.general, config.seed), heldout_text(model, config.general)),
-    ]
-    held_out = held_out_prompts(records, needed, config.represent_prompts)
-    if held_out:
-        last_layer = max(site.layer for site in loop_sites)
-        observers.append(RepresentationShift(held_out, last_layer, config.rounds, config.tsne, config.seed))
-    loop = EditLoop(model, requests, config.rounds, config.batch_size, new_editor, make_filter, observers)
-
+    if config.resume is None:
+        check_run_target(config.out)
+    inputs = drift_inputs(config)
+    if config.skip_bad_records and inputs.skipped:
+        print(f"Skipped {len(inputs.skipped)} records the model cannot represent (--skip-bad-records; case ids in "
+              "config.json).", file=sys.stderr)
     if config.resume is not None:
-        writer, checkpoint = resume_run(config.resume, "drift", config)
-        resume = None
-        if checkpoint.round is not None:
-            position = checkpoint.state["position"]
-            arm_index, last_round = int(position["arm"]), int(position["round"])
-            resume = resume_point(arm_index, last_round, checkpoint.state, loop_sites)
-            if held_out:
-                observers[-1].before = checkpoint.state["representations"]["before"]
+        writer, checkpoint = resume_run(config.resume, "drift", config, extendable=frozenset({"rounds"}))
+        if checkpoint.note:
+            print(checkpoint.note, file=sys.stderr)
     else:
-        writer, resume = create_run("drift", config, out=config.out), None
+        writer = create_run("drift", config, out=config.out, provenance=inputs.provenance)
+        checkpoint = Checkpoint(round=None, rows=writer.rows, tensors={}, state={})
 
-    def on_round(arm: Arm, arm_index: int, round: int, record: RoundRecord, state: dict) -> None:
-        writer.add_rows({**row, "editor": config.editor} for row in record.rows)
-        writer.add_tensors(record.tensors)
-        state = {**state, "position": {"arm": torch.tensor(arm_index), "round": torch.tensor(round)}}
-        if held_out and observers[-1].before is not None:
-            state["representations"] = {"before": observers[-1].before}
-        writer.checkpoint(arm_index * (config.rounds + 1) + round, state)
-        if progress:
-            _print_round(arm, round, record)
+    with writer.running():
+        model = open_model(config, inputs.tokenizer)
+        records = inputs.records
+        needed = config.rounds * config.batch_size
+        requests = [EditRequest.from_counterfact(r) for r in records[:needed]]
+        overrides = {"seed": config.seed}
+        if config.placement is not None:
+            overrides["revive_placement"] = config.placement
 
-    loop.run(arms, on_round, resume)
-    path = writer.finalize()
+        def new_editor() -> Editor:
+            return make_editor(config.editor, inputs.defaults, corpus=inputs.corpus, progress=progress, **overrides)
+
+        loop_sites = new_editor().edited_sites(model)
+        originals = {site: model.adapter.read(site).float().cpu() for site in loop_sites}
+        spectra0 = {site: svd(W) for site, W in originals.items()}
+        down_sites = [site for site in loop_sites if site.kind == "mlp.down"]
+        keys = sample_keys(model, [site.layer for site in down_sites], read_corpus(inputs.corpus, FUNCTIONAL_DOCUMENTS))
+        corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
+
+        def make_filter(arm: Arm) -> SiteFilter:
+            if arm.tau is None:
+                return IdentityFilter()
+            return ReviveFilter({s: ReviveProjector(spectra0[s], arm.tau) for s in loop_sites}, arm.tau, config.refresh)
+
+        observers = [
+            SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds, corpus_keys),
+            EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed),
+            GeneralAbilityObserver(inputs.ability, inputs.text),
+        ]
+        shift = None
+        held_out = held_out_prompts(records, config.represent_prompts)
+        if held_out:
+            shift = RepresentationShift(held_out, max(site.layer for site in loop_sites), config.rounds, config.tsne,
+                                        config.seed)
+            shift.before = checkpoint.state.get("representations", {}).get("before")
+            observers.append(shift)
+        loop = EditLoop(model, requests, config.rounds, config.batch_size, new_editor, make_filter, observers)
+        positions: dict[str, int] = {name: int(r) for name, r in checkpoint.meta.get("arms", {}).items()}
+        resume = arm_states(checkpoint, arms, positions, loop_sites)
+        before_saved = "representations" in checkpoint.state
+
+        def on_round(arm: Arm, arm_index: int, round: int, record: RoundRecord, state: dict) -> None:
+            nonlocal before_saved
+            writer.add_rows({**row, "editor": config.editor} for row in record.rows)
+            writer.add_tensors(record.tensors)
+            positions[arm.name] = round
+            saved = {f"arm{arm_index}": state}
+            if shift is not None and shift.before is not None and not before_saved:
+                saved["representations"] = {"before": shift.before}  # taken once; later checkpoints keep its file
+                before_saved = True
+            writer.checkpoint(arm_index * (config.rounds + 1) + round, saved, meta={"arms": positions},
+                              progress=f"round {round} of arm '{arm.name}' (arm {arm_index + 1} of {len(arms)})")
+            if progress:
+                _print_round(arm, round, record)
+
+        loop.run(arms, on_round, resume)
+        path = writer.finalize(keep_state=True)
     plot_run(path)
     return path
+
+
+def arm_states(checkpoint: Checkpoint, arms: Sequence[Arm], positions: dict[str, int],
+               sites: Sequence[Site]) -> dict[str, ArmState]:
+    """Each started arm's state from a checkpoint (state ``arm<i>``, its last round in ``positions``)."""
+    states = {}
+    for index, arm in enumerate(arms):
+        if arm.name not in positions:
+            continue
+        tensors = checkpoint.state.get(f"arm{index}")
+        if tensors is None:
+            raise SpectraError(f"The checkpoint records arm '{arm.name}' at round {positions[arm.name]} but holds no "
+                               "state for it; it cannot be resumed. Start the run afresh.")
+        states[arm.name] = arm_state(positions[arm.name], tensors, sites)
+    return states
 
 
 #: The console line of a round: (label, metric, format); values are means over sites (right side for SS).

@@ -8,6 +8,7 @@ bit for bit before the next change (checked, not assumed).
 from __future__ import annotations
 
 import random
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,11 @@ from spectra.evaluation.general import GeneralAbility
 from spectra.evaluation.tracing import causal_trace
 from spectra.experiments.common import (
     CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, default_dataset, general_ability,
-    open_model,
+    open_model, usable_records,
 )
-from spectra.models.loading import LoadedModel
+from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer
 from spectra.models.sites import Site
-from spectra.results import RunWriter, create_run
+from spectra.results import RunWriter, check_run_target, create_run
 from spectra.spectral import Spectrum, SpectrumCache, group_perturbation, spectrum_table
 
 DEFAULT_FRACTIONS = [5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
@@ -113,6 +114,7 @@ def restored(model: LoadedModel, originals: dict[Site, torch.Tensor]) -> Iterato
 def run_spectrum(config: SpectrumConfig, progress: bool = True) -> tuple[Path, list[dict]]:
     """Per site: shape, k and k/rank per tau, spectral norm, condition number, effective rank."""
     config.validate()
+    check_inputs(config)
     model = open_model(config)
     sites = choose_sites(model, config.sites, FFN_KINDS + ("attn.q", "attn.k", "attn.v", "attn.o"))
     _, spectra = decompose_sites(model, sites, torch.float64 if config.svd_dtype == "float64" else torch.float32, progress)
@@ -127,9 +129,7 @@ def run_spectrum(config: SpectrumConfig, progress: bool = True) -> tuple[Path, l
                 if name.endswith(suffix):
                     name, tau = name.removesuffix(suffix), candidate
             rows.append({**base, "tau": tau, "metric": "k_over_rank" if name == "k_frac" else name, "value": value})
-    writer = create_run("spectrum", config, out=config.out)
-    writer.add_rows(rows)
-    return _finish(writer), rows
+    return _write(create_run("spectrum", config, out=config.out), rows), rows
 
 
 @dataclass
@@ -144,18 +144,19 @@ class _Probe:
     writer: RunWriter
 
     @classmethod
-    def open(cls, command: str, config: ConcentrationConfig | SensitivityConfig, progress: bool,
-             **baseline_context: object) -> "_Probe":
-        """Validate, load, decompose, start the run and record the unchanged model's scores as baseline rows."""
+    def open(cls, command: str, config: ConcentrationConfig | SensitivityConfig, progress: bool) -> "_Probe":
+        """Validate and check the inputs, then load, decompose and start the run."""
         config.validate()
+        check_inputs(config)
+        ability = general_ability(config.model, config.general, config.seed)
         model = open_model(config)
         sites = choose_sites(model, config.sites, FFN_KINDS)
-        ability = general_ability(model, config.general, config.seed)
         originals, spectra = decompose_sites(model, sites, progress=progress)
-        writer = create_run(command, config, out=config.out)
-        baseline = ability(model.model, model.tokenizer)
-        writer.add_rows(ability_rows(baseline, experiment=command, baseline=True, **baseline_context))
-        return cls(model, sites, originals, spectra, ability, writer)
+        return cls(model, sites, originals, spectra, ability, create_run(command, config, out=config.out))
+
+    def record_baseline(self, command: str, **context: object) -> None:
+        """The unchanged model's scores as baseline rows."""
+        self.writer.add_rows(ability_rows(self.measure(), experiment=command, baseline=True, **context))
 
     def measure(self) -> dict[str, dict[str, float]]:
         return self.ability(self.model.model, self.model.tokenizer)
@@ -163,39 +164,43 @@ class _Probe:
 
 def run_concentration(config: ConcentrationConfig, progress: bool = True) -> Path:
     """Replace every chosen site by its top-n %-energy reconstruction, for each n; measure general ability."""
-    probe = _Probe.open("concentration", config, progress, fraction=None)
+    probe = _Probe.open("concentration", config, progress)
     model, sites, spectra, writer = probe.model, probe.sites, probe.spectra, probe.writer
-    for fraction in _progress(sorted(config.fractions), "concentration", progress):
-        with restored(model, probe.originals):
-            for site in sites:
-                model.adapter.write(site, spectra[site].reconstruct_top_energy(fraction / 100.0))
-            scores = probe.measure()
-        writer.add_rows(ability_rows(scores, experiment="concentration", fraction=fraction, baseline=False))
-    return _finish(writer)
+    with writer.running():
+        probe.record_baseline("concentration", fraction=None)
+        for fraction in _progress(sorted(config.fractions), "concentration", progress):
+            with restored(model, probe.originals):
+                for site in sites:
+                    model.adapter.write(site, spectra[site].reconstruct_top_energy(fraction / 100.0))
+                scores = probe.measure()
+            writer.add_rows(ability_rows(scores, experiment="concentration", fraction=fraction, baseline=False))
+        return _plotted(writer.finalize())
 
 
 def run_sensitivity(config: SensitivityConfig, progress: bool = True) -> Path:
     """Perturb one energy group of every chosen site at a time (input or output side), over seeds; measure."""
-    probe = _Probe.open("sensitivity", config, progress, side=None, group=-1, seed=None)
+    probe = _Probe.open("sensitivity", config, progress)
     model, sites, originals, spectra, writer = probe.model, probe.sites, probe.originals, probe.spectra, probe.writer
     groups = {site: spectra[site].groups(config.groups) for site in sites}
     jobs = [(side, group, seed) for side in config.sides() for group in range(config.groups) for seed in range(config.seeds)]
-    for side, group, seed in _progress(jobs, "sensitivity", progress):
-        generator = torch.Generator(device=spectra[sites[0]].U.device).manual_seed(config.seed * 10_007 + seed)
-        touched = False
-        with restored(model, originals):
-            for site in sites:
-                if groups[site][group].numel() == 0:
-                    continue
-                eps = config.eps if config.eps_absolute else config.eps * spectra[site].fro_norm
-                delta = group_perturbation(spectra[site], groups[site][group], side, eps, generator)
-                model.adapter.write(site, originals[site].float() + delta.to(originals[site].device))
-                touched = True
-            scores = probe.measure() if touched else None
-        if scores is not None:
-            writer.add_rows(ability_rows(scores, experiment="sensitivity", side=side, group=group, seed=seed,
-                                         eps=config.eps, baseline=False))
-    return _finish(writer)
+    with writer.running():
+        probe.record_baseline("sensitivity", side=None, group=-1, seed=None)
+        for side, group, seed in _progress(jobs, "sensitivity", progress):
+            generator = torch.Generator(device=spectra[sites[0]].U.device).manual_seed(config.seed * 10_007 + seed)
+            touched = False
+            with restored(model, originals):
+                for site in sites:
+                    if groups[site][group].numel() == 0:
+                        continue
+                    eps = config.eps if config.eps_absolute else config.eps * spectra[site].fro_norm
+                    delta = group_perturbation(spectra[site], groups[site][group], side, eps, generator)
+                    model.adapter.write(site, originals[site].float() + delta.to(originals[site].device))
+                    touched = True
+                scores = probe.measure() if touched else None
+            if scores is not None:
+                writer.add_rows(ability_rows(scores, experiment="sensitivity", side=side, group=group, seed=seed,
+                                             eps=config.eps, baseline=False))
+        return _plotted(writer.finalize())
 
 
 @dataclass
@@ -205,6 +210,7 @@ class TraceConfig(CommonOptions):
     dataset: str = "auto"
     facts: int = 30
     noise: float = 3.0
+    skip_bad_records: bool = False
 
     def validate(self) -> None:
         if self.facts < 1:
@@ -216,15 +222,30 @@ class TraceConfig(CommonOptions):
 def run_trace(config: TraceConfig) -> Path:
     """Causal trace of a seeded sample of facts the model knows: P(true object) with one state restored."""
     config.validate()
-    model = open_model(config)
-    dataset = default_dataset(model) if config.dataset == "auto" else config.dataset
+    check_inputs(config)
+    dataset = default_dataset(config.model) if config.dataset == "auto" else config.dataset
     _, records = resolve_dataset(dataset, model_name=config.model)
-    chosen = random.Random(config.seed).sample(records, min(config.facts, len(records)))
+    tokenizer = load_tokenizer(config.model, config.allow_download)
+    if config.skip_bad_records:
+        records, skipped = usable_records(records, tokenizer, dataset, skip=True)
+        if skipped:
+            print(f"Skipped {len(skipped)} records the model cannot represent (--skip-bad-records).", file=sys.stderr)
+    if config.facts > len(records):
+        raise SpectraError(f"--facts {config.facts} asks for more facts than {dataset} has ({len(records)} usable "
+                           f"records). Trace at most {len(records)}.")
+    chosen = random.Random(config.seed).sample(records, config.facts)
+    usable_records(chosen, tokenizer, dataset, skip=False)
+    model = open_model(config, tokenizer)
     trace = causal_trace(model, chosen, noise_scale=config.noise, seed=config.seed)
-    writer = create_run("trace", config, out=config.out)
-    writer.add_rows([{"experiment": "trace", "metric": "trace_probability", "position": row["position"],
-                      "layer": row["layer"], "value": row["probability"]} for row in trace.rows()])
-    return _finish(writer)
+    rows = [{"experiment": "trace", "metric": "trace_probability", "position": row["position"],
+             "layer": row["layer"], "value": row["probability"]} for row in trace.rows()]
+    return _write(create_run("trace", config, out=config.out), rows)
+
+
+def check_inputs(config: CommonOptions) -> None:
+    """What every probe checks before its model loads: the model's files and the run directory."""
+    check_model_source(config.model)
+    check_run_target(config.out)
 
 
 def _progress(items: list, label: str, enabled: bool) -> Iterator:
@@ -234,10 +255,18 @@ def _progress(items: list, label: str, enabled: bool) -> Iterator:
     return iter(track(items, description=label, disable=not enabled))
 
 
-def _finish(writer: RunWriter) -> Path:
+def _write(writer: RunWriter, rows: list[dict]) -> Path:
+    """Write a probe's rows as a finished run and draw its figures; returns the run's path."""
+    with writer.running():
+        writer.add_rows(rows)
+        path = writer.finalize()
+    return _plotted(path)
+
+
+def _plotted(path: Path) -> Path:
+    """``path`` after drawing its figures."""
     from spectra.plots import plot_run
 
-    path = writer.finalize()
     plot_run(path)
     return path
 
