@@ -100,13 +100,18 @@ def test_alphaedit_in_solve_placement_satisfies_both_key_constraints(tmp_path) -
         assert leak["left"] < 1e-5 and leak["right"] < 1e-5
 
 
-def test_memit_placements_differ_and_both_keep_revive_guarantees(tmp_path) -> None:
-    """in_solve reaches MEMIT's solve (a different update from post-hoc filtering); both leak nothing."""
+@pytest.mark.parametrize("name", ["memit", "rect"])
+def test_memit_placements_differ_and_both_keep_revive_guarantees(name: str, tmp_path) -> None:
+    """in_solve reaches MEMIT's solve (a different update from post-hoc filtering); both leak nothing.
+
+    RECT's default 'end' schedule runs its layer loop with the identity filter, so this also checks
+    that the round's REVIVE filter still reaches every solve there.
+    """
     written = {}
     for placement in ("in_solve", "after"):
         model = tiny_model("llama")
         reqs = requests(model, 3)
-        editor = build("memit", model, tmp_path, revive_placement=placement)
+        editor = build(name, model, tmp_path, revive_placement=placement)
         editor.prepare(model, reqs)
         revive = ReviveFilter.from_model(model, editor.edited_sites(model), tau=0.5)
         written[placement] = editor.apply_round(model, reqs, revive)
