@@ -276,10 +276,6 @@ class RunLock:
         handle.flush()
         return cls(handle, directory)
 
-    @property
-    def held(self) -> bool:
-        return self._handle is not None
-
     def moved_to(self, directory: Path) -> None:
         """Record that the locked directory was renamed (the lock travels with its file)."""
         self.directory = directory
@@ -595,6 +591,9 @@ class RunWriter:
     def _interrupted(self, signum: int, discarded: bool) -> str:
         """What a stopped run tells the user: which signal, how far it got, and the resume command."""
         name = signal.Signals(signum).name
+        if self._done:
+            return (f"Stopped by {name} after the run had finished: it is complete in {self.path}. Its figures may be "
+                    f"missing; `spectra plot {self.path}` draws them.")
         if discarded:
             return (f"Stopped by {name} before the first checkpoint, so nothing was saved and {self.partial_path} was "
                     "removed. Run the command again.")
