@@ -249,7 +249,15 @@ def drift(
     represent_prompts: int = typer.Option(200, help="Held-out factual prompts for representation shift (0 = off)."),
     tsne: bool = typer.Option(False, "--tsne", help="Add a joint t-SNE of the last round against the original states."),
     stats_corpus: Path = typer.Option(None, help="Text file (one document per line) for the key statistics "
-                                      "[default: the tiny world's corpus; required for real models]."),
+                                      "[default: the tiny world's corpus; a real model needs it or --stats]."),
+    stats: Path = typer.Option(None, help="Precomputed key statistics instead of computing them: a MEMIT/ROME "
+                               "layer_stats .npz (<module>_float32_mom2_<n>.npz, as the official code and EasyEdit "
+                               "write them), spectra's cache files, or a directory holding one per edited layer."),
+    hparams: Path = typer.Option(None, help="Editor hyperparameters from a file: EasyEdit's YAML (hparams/MEMIT/"
+                                 "llama3-8b.yaml) or the official repositories' JSON. Keys spectra does not need are "
+                                 "reported as ignored; unknown keys are errors [default: the model's defaults]."),
+    hparams_set: list[str] = typer.Option(None, "--set", help="Override one hyperparameter, key=value (repeatable), "
+                                          "e.g. --set v_lr=0.5 --set layers=[4,5,6]."),
     tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, skip_bad_records: bool = SKIP_BAD,
     resume: Path = typer.Option(None, help="Continue a run directory: an interrupted one from its last intact "
                                 "checkpoint, a finished one with a larger --rounds. Its options come from its "
@@ -263,7 +271,8 @@ def drift(
                          editor=editor, rounds=rounds, batch_size=batch_size, revive=revive, tau=_floats(tau, "--tau"),
                          dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
                          ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
-                         stats_corpus=stats_corpus, general=_general(tasks, items_per_task, glue_dir),
+                         stats_corpus=stats_corpus, stats=stats, hparams=hparams, hparams_set=list(hparams_set or []),
+                         general=_general(tasks, items_per_task, glue_dir),
                          skip_bad_records=skip_bad_records, resume=resume)
     renamed = {option.removeprefix("--").replace("-", "_"): key for key, option in OPTION_NAMES.items()}
     path = run_drift(config, given=given_options(ctx, renamed))
@@ -288,8 +297,8 @@ def plot(run_dir: Path = typer.Argument(..., help="A finished run directory.")) 
 @app.command()
 @friendly_errors
 def data() -> None:
-    """Show which standard dataset files are present locally and where to put missing ones."""
-    from spectra.data.datasets import local_data, where_to_put
+    """Show which standard dataset files are present locally, where to put missing ones, and every edit-set format."""
+    from spectra.data.datasets import FORMATS, local_data, where_to_put
 
     table = Table("name", "file", "present", "what it is for", "path")
     for status in local_data():
@@ -297,6 +306,10 @@ def data() -> None:
                       status.file.purpose, str(status.path))
     console.print(table)
     console.print(where_to_put())
+    console.print("\nEdit-set formats (--dataset PATH; detected from the first record's fields), one example record each:")
+    for kind, title, example in FORMATS:
+        console.print(f"\n{title} [{kind}]:", highlight=False)
+        console.print(example, highlight=False, markup=False)
 
 
 def _summarise(path: Path, by: list[str], metric: str, task: str | None = None, last_round_only: bool = False) -> None:

@@ -689,6 +689,7 @@ class StoredRun:
     finished: bool
     command: str
     config: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def inspect_run(run_dir: Path) -> StoredRun:
@@ -720,7 +721,9 @@ def inspect_run(run_dir: Path) -> StoredRun:
     if not isinstance(stored.get("config"), dict):
         raise SpectraError(f"{config_file} holds no options ('config'); the run cannot be continued. Delete "
                            f"{directory} and start the run again.")
-    return StoredRun(path, directory, finished, str(stored.get("command", "")), stored["config"])
+    provenance = stored.get("provenance")
+    return StoredRun(path, directory, finished, str(stored.get("command", "")), stored["config"],
+                     provenance if isinstance(provenance, dict) else {})
 
 
 def resume_run(run_dir: Path, command: str, config: Mapping[str, Any] | Any, ignore: frozenset[str] = RESUME_IGNORED,

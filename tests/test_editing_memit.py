@@ -189,7 +189,7 @@ def test_hparams_defaults_and_validation() -> None:
     nse = NseHParams.for_model("gpt2-xl")
     assert nse.mom2_update_weight == 10000 and nse.alpha == 35 and nse.layers == (13, 14, 15, 16, 17)
     assert MemitHParams.for_model("llama3", v_lr=0.2).v_lr == 0.2
-    with pytest.raises(SpectraError, match="No MemitHParams defaults"):
+    with pytest.raises(SpectraError, match="no MemitHParams defaults"):
         MemitHParams.for_model("bert")
     with pytest.raises(SpectraError, match="ascending"):
         MemitHParams(layers=(3, 1))

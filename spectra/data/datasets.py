@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 from spectra.data.counterfact import COUNTERFACT_HOST, read_json, records_list, validate_counterfact
+from spectra.data.easyedit import CORE_FIELDS, convert_easyedit, is_easyedit
 from spectra.data.zsre import ZsreTarget, convert_zsre
 from spectra import assets
 from spectra.errors import SpectraError
 
-DatasetKind = Literal["counterfact", "zsre"]
+DatasetKind = Literal["counterfact", "zsre", "easyedit"]
 
 
 @dataclass(frozen=True)
@@ -89,16 +90,41 @@ def where_to_put() -> str:
     )
 
 
+#: Every edit-set format spectra reads, with a three-line example record each (shown by ``spectra data``).
+FORMATS: tuple[tuple[str, str, str], ...] = (
+    ("counterfact", "CounterFact / MultiCounterFact (ROME, MEMIT, AlphaEdit)",
+     '{"case_id": 0, "requested_rewrite": {"prompt": "{} plays the", "subject": "Miles Davis",\n'
+     ' "target_new": {"str": "violin"}, "target_true": {"str": "trumpet"}},\n'
+     ' "paraphrase_prompts": ["Miles Davis is known for the"], "neighborhood_prompts": ["Chet Baker plays the"]}'),
+    ("zsre", "zsRE, MEND split (edit target: answers[0]; EasyEdit's portability is read too)",
+     '{"subject": "Epaspidoceras", "src": "Which family does Epaspidoceras belong to?",\n'
+     ' "answers": ["Aspidoceratidae"], "rephrase": "What family are Epaspidoceras?",\n'
+     ' "loc": "nq question: who wrote hamlet", "loc_ans": "William Shakespeare", "alt": "Noctuidae"}'),
+    ("easyedit", "EasyEdit / KnowEdit, CounterFact-style (EasyEdit's counterfact files)",
+     '{"subject": "Miles Davis", "prompt": "Miles Davis plays the", "target_new": "violin",\n'
+     ' "ground_truth": "trumpet", "rephrase_prompt": "Miles Davis is known for the",\n'
+     ' "locality_prompt": "Chet Baker plays the", "locality_ground_truth": "trumpet"}'),
+    ("easyedit", "EasyEdit / KnowEdit, zsRE-style (KnowEdit's ZsRE, wiki_counterfact, wiki_recent)",
+     '{"subject": "Epaspidoceras", "prompt": "Which family does Epaspidoceras belong to?", "target_new": "Noctuidae",\n'
+     ' "ground_truth": ["Aspidoceratidae"], "rephrase_prompt": "What family are Epaspidoceras?",\n'
+     ' "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": "genus"}]},'
+     ' "portability": {"Reasoning": [{"prompt": "...", "ground_truth": "Owlet moths"}]}}'),
+)
+
+
 def detect_kind(records: list, path: Path) -> DatasetKind:
-    """Whether parsed records are CounterFact-schema or raw zsRE, judged by the first record's fields."""
+    """Whether parsed records are CounterFact-schema, raw zsRE or EasyEdit/KnowEdit, judged by the first record's fields."""
     first = records[0] if records else {}
     if isinstance(first, dict) and "requested_rewrite" in first:
         return "counterfact"
     if isinstance(first, dict) and {"src", "answers"} <= first.keys():
         return "zsre"
+    if is_easyedit(first):
+        return "easyedit"
     raise SpectraError(
-        f"Cannot tell the format of {path}: its first record has neither 'requested_rewrite' (CounterFact) nor "
-        "'src' and 'answers' (zsRE). Pass a CounterFact- or zsRE-format JSON file."
+        f"Cannot tell the format of {path}: its first record has neither 'requested_rewrite' (CounterFact), 'src' and "
+        f"'answers' (zsRE), nor {', '.join(repr(f) for f in CORE_FIELDS)} (EasyEdit/KnowEdit). `spectra data` shows an "
+        "example record of each format."
     )
 
 
@@ -109,7 +135,7 @@ def resolve_dataset(
 
     Names: ``tiny`` / ``tiny-zsre`` (the embedded world's files), ``counterfact`` (MCF, else CF), ``mcf``,
     ``cf``, ``zsre`` (from the data directory), and ``auto`` (``tiny`` for the tiny model, ``counterfact``
-    otherwise). Anything else is a path whose format is detected from its fields.
+    otherwise). Anything else is a path whose format (``FORMATS``) is detected from its fields.
     """
     if name_or_path == "auto":
         name_or_path = "tiny" if model_name == "tiny" else "counterfact"
@@ -134,9 +160,11 @@ def resolve_dataset(
             )
     records = records_list(read_json(path, where_to_put()), path)
     if not records:
-        raise SpectraError(f"{path} holds no records (an empty JSON list). Pass a dataset file with CounterFact- or "
-                           "zsRE-format records.")
+        raise SpectraError(f"{path} holds no records (an empty JSON list). Pass a dataset file with CounterFact-, "
+                           "zsRE- or EasyEdit/KnowEdit-format records.")
     kind = detect_kind(records, path)
     if kind == "zsre":
         return kind, convert_zsre(records, path, zsre_target, limit)
+    if kind == "easyedit":
+        return kind, convert_easyedit(records, path, limit)
     return kind, validate_counterfact(records, path, limit)

@@ -38,10 +38,14 @@ def zsre_to_counterfact(record: dict, case_id: int, target: ZsreTarget = "gold")
 
     ``target="gold"`` writes ``answers[0]`` (the reference protocol REVIVE reports); ``"alt"`` writes the
     counterfactual ``alt`` (EasyEdit's choice) and keeps the gold answer as ``target_true``. Neighbourhood
-    prompts stay whole ``{prompt, target}`` pairs; the scorer teacher-forces their tokens itself.
+    prompts stay whole ``{prompt, target}`` pairs; the scorer teacher-forces their tokens itself. EasyEdit's
+    ``portability`` (``New Question``, ``New Answer``) becomes a portability prompt.
     """
     gold = record["answers"][0]
     new, true = (gold, None) if target == "gold" else (record["alt"], {"str": gold})
+    portability = record.get("portability")
+    question, answer = (portability.get("New Question"), portability.get("New Answer")) if isinstance(portability, dict) \
+        else (None, None)
     return {
         "case_id": case_id,
         "requested_rewrite": {
@@ -52,6 +56,8 @@ def zsre_to_counterfact(record: dict, case_id: int, target: ZsreTarget = "gold")
         },
         "paraphrase_prompts": [record["rephrase"]],
         "neighborhood_prompts": [{"prompt": record["loc"] + "?", "target": record["loc_ans"]}],
+        "portability_prompts": [{"prompt": question, "target": answer}]
+        if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip() else [],
     }
 
 

@@ -15,7 +15,7 @@ from spectra.editing.core import (
 )
 from spectra.editing.filters import ReviveFilter, SiteFilter, begin_round
 from spectra.editing.hparams import MemitHParams
-from spectra.editing.stats import Corpus, KeyStatistics, StatsCache, model_fingerprint
+from spectra.editing.stats import Corpus, KeyStatistics, MomentSource, StatsCache, model_fingerprint
 from spectra.errors import SpectraError
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
@@ -170,7 +170,7 @@ class LocateEditEditor(ABC):
     hparams_class: ClassVar[type[MemitHParams]] = MemitHParams
 
     def __init__(
-        self, hparams: MemitHParams, corpus: Corpus | None = None, *, statistics: KeyStatistics | None = None,
+        self, hparams: MemitHParams, corpus: Corpus | None = None, *, statistics: MomentSource | None = None,
         stats_cache: StatsCache | None = None, progress: bool = True,
     ) -> None:
         if not isinstance(hparams, self.hparams_class):

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from spectra.errors import SpectraError
 
 #: Model aliases that have per-model defaults (the names ``spectra.models.ALIASES`` gives them).
-KNOWN_MODELS: tuple[str, ...] = ("tiny", "gpt2-xl", "gpt-j", "llama3")
+KNOWN_MODELS: tuple[str, ...] = ("tiny", "gpt2", "gpt2-xl", "gpt-j", "llama3")
 
 #: Shared MEMIT-family values (reference editors.md section 9.1: jianghoucheng/AlphaEdit hparams files).
 #: ``tiny`` (6-layer Llama, d_model 192, d_k 768), from measurements on the shipped model (README):
@@ -33,6 +33,13 @@ _MEMIT_FAMILY: dict[str, dict[str, Any]] = {
         kl_factor=0.0625, mom2_update_weight=100.0, ridge=1e-3, mom2_n_samples=6000, max_length=128,
         context_prompts=("the", "it"), context_length=6,
     ),
+    # GPT-2 small (12 layers): no official file exists. gpt2-xl's window (layers 13-17 of 48, z at 35 % of the
+    # depth, where ROME's causal trace peaks for every GPT-2 size: medium 8/24, large 12/36, xl 17/48) scaled to 12
+    # layers is 3-4; the window keeps three layers ending at z = 4. The other values are gpt2-xl's.
+    "gpt2": dict(
+        layers=(2, 3, 4), v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75,
+        kl_factor=0.0625, mom2_update_weight=20000.0, mom2_n_samples=100000, max_length=1024,
+    ),
     "gpt2-xl": dict(
         layers=(13, 14, 15, 16, 17), v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5,
         clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=20000.0, mom2_n_samples=100000,
@@ -48,6 +55,16 @@ _MEMIT_FAMILY: dict[str, dict[str, Any]] = {
         kl_factor=0.0625, mom2_update_weight=15000.0, mom2_n_samples=100000, max_length=8192,
     ),
 }
+
+
+def no_defaults(kind: str, model: str) -> SpectraError:
+    """The error for a model without per-model defaults: it names the ways to give hyperparameters."""
+    return SpectraError(
+        f"spectra has no {kind} defaults for the model {model!r} (it has them for {', '.join(KNOWN_MODELS)}, and for "
+        "a hub id or directory that resolves to one of those). Give the editor's hyperparameters with --hparams FILE "
+        "(EasyEdit's YAML or the official repositories' JSON for that model) and --set key=value, or in Python as "
+        "DriftConfig(hparams=...)."
+    )
 
 
 def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -125,16 +142,19 @@ class MemitHParams:
         return self.layers[-1]
 
     @classmethod
-    def for_model(cls, model: str, **overrides: Any) -> "MemitHParams":
-        """The defaults for a known model alias, with ``overrides`` applied (and validated)."""
+    def model_defaults(cls, model: str) -> dict[str, Any]:
+        """The per-model values of a known model alias, merged along the class hierarchy (base class first)."""
         if model not in KNOWN_MODELS:
-            raise SpectraError(
-                f"No {cls.__name__} defaults for model {model!r}; known: {', '.join(KNOWN_MODELS)}. "
-                f"Build {cls.__name__}(layers=..., ...) yourself for other models."
-            )
+            raise no_defaults(cls.__name__, model)
         values: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):
             values.update(vars(klass).get("per_model", {}).get(model, {}))
+        return values
+
+    @classmethod
+    def for_model(cls, model: str, **overrides: Any) -> "MemitHParams":
+        """The defaults for a known model alias, with ``overrides`` applied (and validated)."""
+        values = cls.model_defaults(model)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -215,6 +235,7 @@ class NseHParams(MemitHParams):
     #: editing requests that are essentially done.
     per_model: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(alpha=50.0, upper_bound=1000.0, neuron_threshold=1.0),
+        "gpt2": dict(mom2_update_weight=10000.0, alpha=35.0, upper_bound=150.0, neuron_threshold=1.0),
         "gpt2-xl": dict(mom2_update_weight=10000.0, alpha=35.0, upper_bound=150.0, neuron_threshold=1.0),
         "gpt-j": dict(alpha=15.0, upper_bound=100.0, neuron_threshold=0.8),
         "llama3": dict(alpha=2.5, upper_bound=50.0, neuron_threshold=1.0),

@@ -7,7 +7,7 @@ from typing import Any
 
 from spectra.editing.base import LocateEditEditor
 from spectra.editing.hparams import MemitHParams
-from spectra.editing.stats import Corpus, StatsCache
+from spectra.editing.stats import Corpus, MomentSource, StatsCache
 from spectra.errors import SpectraError
 
 #: The built-in editors, as "module:Class" so that choosing one imports only its module.
@@ -53,9 +53,13 @@ class EditorRegistry:
 
     def create(
         self, name: str, *, model: str | None = None, hparams: MemitHParams | None = None, corpus: Corpus | None = None,
-        stats_cache: StatsCache | None = None, progress: bool = True, **overrides: Any,
+        stats_cache: StatsCache | None = None, statistics: MomentSource | None = None, progress: bool = True,
+        **overrides: Any,
     ) -> LocateEditEditor:
-        """An editor from explicit ``hparams``, or from ``model``'s defaults plus ``overrides``."""
+        """An editor from explicit ``hparams``, or from ``model``'s defaults plus ``overrides``.
+
+        ``statistics`` (e.g. imported files) replaces the statistics computed from ``corpus``.
+        """
         cls = self.resolve(name)
         if hparams is None:
             if model is None:
@@ -63,7 +67,7 @@ class EditorRegistry:
             hparams = cls.hparams_class.for_model(model, **overrides)
         elif overrides:
             raise SpectraError("Give either hparams or per-field overrides, not both.")
-        return cls(hparams, corpus, stats_cache=stats_cache, progress=progress)
+        return cls(hparams, corpus, statistics=statistics, stats_cache=stats_cache, progress=progress)
 
 
 def builtin_registry() -> EditorRegistry:
@@ -75,7 +79,7 @@ def builtin_registry() -> EditorRegistry:
 
 
 def make_editor(name: str, model: str = "tiny", corpus: Corpus | None = None, **kwargs: Any) -> LocateEditEditor:
-    """Shortcut: a built-in editor with ``model``'s defaults (``kwargs``: hparams, stats_cache, overrides)."""
+    """Shortcut: a built-in editor with ``model``'s defaults (``kwargs``: hparams, stats_cache, statistics, overrides)."""
     if "hparams" in kwargs:
         return builtin_registry().create(name, corpus=corpus, **kwargs)
     return builtin_registry().create(name, model=model, corpus=corpus, **kwargs)

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 from rich.progress import Progress
@@ -31,6 +31,14 @@ STATS_VERSION = 1
 _ASSUMED_FLOPS = {"cpu": 5e10, "cuda": 5e13}
 
 Corpus = Sequence[str] | Path | str
+
+
+class MomentSource(Protocol):
+    """Where an editor gets C = E[k k^T] per layer: computed from a corpus (KeyStatistics) or imported files."""
+
+    def second_moments(self, model: LoadedModel, layers: Sequence[int], fingerprint: str | None = None,
+                       compute: bool = True) -> dict[int, torch.Tensor]:
+        """C per layer, float32, on the model's device."""
 
 
 def read_corpus(corpus: Corpus, n_samples: int | None) -> list[str]:

@@ -21,7 +21,10 @@ from spectra.evaluation.fluency import Compat, WordTokenizer, generate_top_k, ng
 from spectra.evaluation.rows import RECORD_LEVEL, row
 from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
 
-PROMPT_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
+PROMPT_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "portability")
+
+#: A (prompt, continuation) text pair.
+Pair = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,17 @@ class PromptRef:
 
 @dataclass(frozen=True)
 class CounterFactPlan:
-    """Token ids of every (prompt, target_new) and (prompt, target_true) pair of a set of records."""
+    """Token ids of every scored prompt of a set of records, with the two continuations it compares.
+
+    ``new[i]`` is the prompt with what the edit should make the model say (target_new; a
+    portability prompt's answer), ``true[i]`` with what it should keep saying (target_true; a
+    neighbourhood prompt's own answer). A portability prompt has no ``true`` (None): it is scored
+    by its answer's token accuracy alone.
+    """
 
     refs: tuple[PromptRef, ...]
     new: tuple[tuple[list[int], list[int]], ...]
-    true: tuple[tuple[list[int], list[int]], ...]
+    true: tuple[tuple[list[int], list[int]] | None, ...]
     pad_id: int
 
     @staticmethod
@@ -53,64 +62,76 @@ class CounterFactPlan:
         )
 
 
-def _prompts(record: Mapping[str, Any]) -> list[tuple[str, int, str]]:
-    """(kind, index, text) of a record's rewrite, paraphrase and neighbourhood prompts."""
+def _prompts(record: Mapping[str, Any]) -> list[tuple[str, int, Pair, Pair | None]]:
+    """(kind, index, new pair, true pair) of a record's rewrite, paraphrase, neighbourhood and portability prompts.
+
+    A neighbourhood prompt is a string (CounterFact: its answer is the record's target_true) or
+    ``{prompt, target}`` (EasyEdit's locality: its own answer); portability prompts are
+    ``{prompt, target}`` whose target follows from the edit.
+    """
     rewrite = record["requested_rewrite"]
-    prompts = [("rewrite", 0, rewrite["prompt"].format(rewrite["subject"]))]
-    prompts += [("paraphrase", i, p) for i, p in enumerate(record["paraphrase_prompts"])]
+    new, true = rewrite["target_new"]["str"], rewrite["target_true"]["str"]
+    prompts = [("rewrite", 0, (rewrite["prompt"].format(rewrite["subject"]), new), (rewrite["prompt"].format(rewrite["subject"]), true))]
+    prompts += [("paraphrase", i, (p, new), (p, true)) for i, p in enumerate(record["paraphrase_prompts"])]
     for i, p in enumerate(record["neighborhood_prompts"]):
-        if not isinstance(p, str):
-            raise SpectraError(
-                f"Record {record['case_id']} has a neighbourhood prompt {p!r} that is not a string: it looks like "
-                "a zsRE record. Score zsRE records with spectra.evaluation.zsre, not the CounterFact metrics."
-            )
-        prompts.append(("neighborhood", i, p))
+        text, answer = (p, true) if isinstance(p, str) else (p["prompt"], p["target"])
+        prompts.append(("neighborhood", i, (text, new), (text, answer)))
+    prompts += [("portability", i, (p["prompt"], p["target"]), None)
+                for i, p in enumerate(record.get("portability_prompts", []))]
     return prompts
 
 
 def prepare_counterfact(tokenizer: object, records: Sequence[Mapping[str, Any]]) -> CounterFactPlan:
-    """Tokenize every prompt of ``records`` with both targets (each with a leading space)."""
+    """Tokenize every prompt of ``records`` with its continuations (each with a leading space)."""
     refs, new_texts, true_texts = [], [], []
     for record in records:
-        rewrite = record["requested_rewrite"]
-        true = (rewrite.get("target_true") or {}).get("str")
-        if true is None:
+        if not (record["requested_rewrite"].get("target_true") or {}).get("str"):
             raise SpectraError(
                 f"Record {record['case_id']} has no target_true, which the CounterFact metrics compare against. "
-                "Use CounterFact-format records (zsRE records are scored with spectra.evaluation.zsre)."
+                "Use CounterFact-format records, or EasyEdit/KnowEdit records with a ground_truth (raw zsRE records "
+                "are scored with spectra.evaluation.zsre)."
             )
-        for kind, index, prompt in _prompts(record):
+        for kind, index, new, true in _prompts(record):
             refs.append(PromptRef(int(record["case_id"]), kind, index))
-            new_texts.append((prompt, rewrite["target_new"]["str"]))
-            true_texts.append((prompt, true))
-    return CounterFactPlan(
-        tuple(refs), tuple(encode_pairs(tokenizer, new_texts)), tuple(encode_pairs(tokenizer, true_texts)),
-        pad_id_of(tokenizer),
-    )
+            new_texts.append(new)
+            true_texts.append(true)
+    new_ids = encode_pairs(tokenizer, new_texts)
+    paired = [pair for pair in true_texts if pair is not None]
+    encoded = iter(encode_pairs(tokenizer, paired) if paired else [])
+    true_ids = [None if pair is None else next(encoded) for pair in true_texts]
+    return CounterFactPlan(tuple(refs), tuple(new_ids), tuple(true_ids), pad_id_of(tokenizer))
 
 
 def counterfact_rows(model: nn.Module, plan: CounterFactPlan, batch_size: int = 128) -> list[dict[str, Any]]:
     """Per-prompt rows: ``{kind}_nll_new``, ``{kind}_nll_true``, ``{kind}_success``, ``{kind}_diff``, ``{kind}_acc``.
 
-    Success: the new target wins (NLL lower) on rewrite/paraphrase prompts, the true target on
+    Success: the new target wins (NLL lower) on rewrite/paraphrase prompts, the true answer on
     neighbourhood prompts. Diff ("magnitude"): the winner's exp(-mean NLL) minus the loser's. Acc: every
-    token of the expected target is the argmax (AlphaEdit's ``*_prompts_correct``).
+    token of the expected target is the argmax (AlphaEdit's ``*_prompts_correct``). Portability
+    prompts give ``portability_nll_new`` and ``portability_acc``: the share of the answer's tokens
+    that are the argmax (EasyEdit's portability).
     """
-    scores = score_continuations(model, [*plan.new, *plan.true], plan.pad_id, batch_size)
-    n = len(plan.refs)
+    compared = [pair for pair in plan.true if pair is not None]
+    scores = score_continuations(model, [*plan.new, *compared], plan.pad_id, batch_size)
+    true_scores = iter(scores[len(plan.new):])
     rows = []
-    for ref, new, true in zip(plan.refs, scores[:n], scores[n:]):
-        kind, nll_new, nll_true = ref.prompt_kind, new.mean_nll, true.mean_nll
-        expect_new = kind != "neighborhood"
-        success = nll_new < nll_true if expect_new else nll_true < nll_new
-        diff = math.exp(-nll_new) - math.exp(-nll_true)
-        values = {
-            "nll_new": nll_new,
-            "nll_true": nll_true,
-            "success": float(success),
-            "diff": diff if expect_new else -diff,
-            "acc": float((new if expect_new else true).all_correct),
-        }
+    for ref, new, true_pair in zip(plan.refs, scores[: len(plan.new)], plan.true):
+        kind, nll_new = ref.prompt_kind, new.mean_nll
+        if true_pair is None:
+            values = {"nll_new": nll_new, "acc": new.token_accuracy}
+        else:
+            true = next(true_scores)
+            nll_true = true.mean_nll
+            expect_new = kind != "neighborhood"
+            success = nll_new < nll_true if expect_new else nll_true < nll_new
+            diff = math.exp(-nll_new) - math.exp(-nll_true)
+            values = {
+                "nll_new": nll_new,
+                "nll_true": nll_true,
+                "success": float(success),
+                "diff": diff if expect_new else -diff,
+                "acc": float((new if expect_new else true).all_correct),
+            }
         rows += [row(ref.case_id, f"{kind}_{name}", kind, ref.prompt_idx, v) for name, v in values.items()]
     return rows
 

@@ -16,7 +16,8 @@ RECORD_LEVEL = -1
 
 #: Metrics reported as they are (NLLs in nats); every other edit metric is a fraction scaled by 100.
 RAW_METRICS: frozenset[str] = frozenset(
-    f"{kind}_nll_{candidate}" for kind in ("rewrite", "paraphrase", "neighborhood") for candidate in ("new", "true")
+    f"{kind}_nll_{candidate}" for kind in ("rewrite", "paraphrase", "neighborhood", "portability")
+    for candidate in ("new", "true")
 )
 
 #: The three success rates whose harmonic mean is the reference's ``score``.

@@ -14,7 +14,8 @@ from spectra.data.general import load_general_tasks, subsample
 from spectra.errors import SpectraError
 from spectra.evaluation.general import GeneralAbility, HeldoutText
 from spectra.models import LoadedModel, Site, load_model, parse_sites
-from spectra.models.loading import resolve_source
+from spectra.editing.hparams import KNOWN_MODELS
+from spectra.models.loading import ALIASES, resolve_source
 from spectra.models.tiny import WORLD_FILES
 from spectra.models.tokens import continuation_ids, encode
 
@@ -75,7 +76,7 @@ def _from_json(hint: Any, value: Any) -> Any:
     for candidate in candidates:
         if is_dataclass(candidate) and isinstance(value, Mapping):
             return config_from_json(candidate, value)
-        if candidate is Path:
+        if candidate is Path and isinstance(value, str):
             return Path(value)
     return value
 
@@ -103,6 +104,15 @@ def world_dir(model: LoadedModel | str) -> Path | None:
     source = model.source if isinstance(model, LoadedModel) else resolve_source(model)
     directory = Path(source)
     return directory if (directory / WORLD_FILES["general"]).is_file() else None
+
+
+def defaults_key(model: str) -> str | None:
+    """The per-model editor defaults a model gets: ``tiny`` for a tiny-world model, a known alias's for that alias or
+    the hub id it resolves to (``meta-llama/Meta-Llama-3-8B-Instruct`` gets ``llama3``'s), else None."""
+    if world_dir(model) is not None:
+        return "tiny"
+    source = resolve_source(model)
+    return next((alias for alias in KNOWN_MODELS if alias in ALIASES and resolve_source(alias) == source), None)
 
 
 def default_dataset(model: LoadedModel | str) -> str:

@@ -19,7 +19,9 @@ from spectra.data.datasets import resolve_dataset
 from spectra.data.records import EditRequest
 from spectra.editing.base import Editor
 from spectra.editing.filters import IdentityFilter, ReviveFilter, SiteFilter
-from spectra.editing.hparams import KNOWN_MODELS
+from spectra.editing.hparams import MemitHParams
+from spectra.editing.hparams_files import ResolvedHParams, resolve_hparams
+from spectra.editing.stats_import import ImportedStatistics, StatsFile, locate_statistics
 from spectra.editing.loop import Arm, ArmState, EditLoop, RoundRecord, arm_state
 from spectra.errors import SpectraError
 from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, prepare_counterfact
@@ -28,8 +30,8 @@ from spectra.evaluation.representations import hidden_states, joint_tsne, shift_
 from spectra.evaluation.rows import aggregate
 from spectra.editing.stats import read_corpus, sample_keys
 from spectra.experiments.common import (
-    CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, general_ability, heldout_text,
-    open_model, usable_records, world_dir,
+    LISTED_RECORDS, CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, defaults_key, general_ability,
+    heldout_text, open_model, usable_records, world_dir,
 )
 from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer, model_width
 from spectra.models.sites import Site
@@ -51,6 +53,7 @@ EDIT_METRIC_NAMES = {
     "rewrite_diff": "efficacy_magnitude", "paraphrase_diff": "paraphrase_magnitude",
     "neighborhood_diff": "neighborhood_magnitude", "rewrite_acc": "efficacy_acc",
     "paraphrase_acc": "paraphrase_acc", "neighborhood_acc": "neighborhood_acc", "score": "score",
+    "portability_acc": "portability",
 }
 
 
@@ -72,9 +75,22 @@ class DriftConfig(CommonOptions):
     represent_prompts: int = 200
     tsne: bool = False
     stats_corpus: Path | None = None
+    #: the editor's hyperparameters: an EasyEdit YAML or official JSON file, or a mapping of field values (a
+    #: MemitHParams given here is stored as its mapping); None: the model's defaults
+    hparams: Path | dict | None = None
+    #: ``key=value`` overrides of single hyperparameters (``--set``), applied after the file
+    hparams_set: list[str] = field(default_factory=list)
+    #: precomputed key statistics (a MEMIT/ROME layer_stats .npz, spectra cache entries, or a directory of them)
+    stats: Path | None = None
     general: GeneralOptions = field(default_factory=GeneralOptions)
     skip_bad_records: bool = False
     resume: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hparams, MemitHParams):
+            self.hparams = self.hparams.to_dict()
+        elif isinstance(self.hparams, str):
+            self.hparams = Path(self.hparams)
 
     def validate(self) -> None:
         """Every option checked before any work starts."""
@@ -268,31 +284,38 @@ def held_out_prompts(records: Sequence[dict], count: int) -> list[tuple[str, str
     return [(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"]) for r in spare]
 
 
-def editor_defaults(model: LoadedModel | str, config: DriftConfig) -> tuple[str, Path]:
-    """Which per-model hyperparameter defaults apply, and the text corpus for the key statistics.
+def editor_defaults(model: LoadedModel | str, config: DriftConfig) -> tuple[str | None, Path | None]:
+    """Which per-model hyperparameter defaults apply (None: none), and the text corpus for the key statistics.
 
     A tiny-world model (the embedded one or one retrained elsewhere) uses the ``tiny`` defaults and
-    its own training corpus; a real model needs its alias's defaults and ``--stats-corpus``.
+    its own training corpus; a known model (by alias, hub id or the directory an alias resolves to)
+    its alias's defaults; any model needs ``--stats-corpus`` or precomputed ``--stats``.
     """
     directory = world_dir(model)
-    if directory is not None:
-        corpus = config.stats_corpus or directory / WORLD_FILES["corpus"]
-    elif config.model not in KNOWN_MODELS:
+    name = model.name if isinstance(model, LoadedModel) else config.model
+    defaults = "tiny" if directory is not None else defaults_key(name)
+    corpus = config.stats_corpus or (directory / WORLD_FILES["corpus"] if directory is not None else None)
+    if corpus is None and config.stats is None:
         raise SpectraError(
-            f"spectra has editor defaults for {', '.join(KNOWN_MODELS)} only, not for {config.model!r}. Use one of "
-            "those aliases, or build the editor's hyperparameters yourself through the Python API."
+            "Editing a real model needs its key statistics E[k k^T]: pass --stats FILE_OR_DIR with precomputed ones (the "
+            "MEMIT/ROME layer_stats .npz files) or --stats-corpus FILE (one document per line, e.g. a Wikipedia dump "
+            "you have locally) to compute them. spectra never downloads one silently."
         )
-    elif config.stats_corpus is None:
-        raise SpectraError(
-            "Editing a real model needs a text corpus for the key statistics E[k k^T]: pass --stats-corpus FILE (one "
-            "document per line, e.g. a Wikipedia dump you have locally). spectra never downloads one silently."
-        )
-    else:
-        corpus = config.stats_corpus
-    if not Path(corpus).is_file():
+    if corpus is not None and not Path(corpus).is_file():
         raise SpectraError(f"The statistics corpus {corpus} does not exist; give --stats-corpus a text file, one "
                            "document per line.")
-    return ("tiny" if directory is not None else config.model), Path(corpus)
+    return defaults, None if corpus is None else Path(corpus)
+
+
+def drift_hparams(config: DriftConfig, defaults: str | None) -> ResolvedHParams:
+    """The editor's hyperparameters: the model's defaults, then ``--hparams``, then ``--set``, then seed and placement."""
+    from spectra.editing import builtin_registry
+
+    overrides: dict[str, object] = {"seed": config.seed}
+    if config.placement is not None:
+        overrides["revive_placement"] = config.placement
+    cls = builtin_registry().resolve(config.editor).hparams_class
+    return resolve_hparams(cls, config.editor, config.model, defaults, config.hparams, config.hparams_set, overrides)
 
 
 #: Edits per round as a share of the model's width: the REVIVE paper's 100 edits a round on Llama-3-8B,
@@ -307,7 +330,8 @@ def default_batch_size(width: int) -> int:
 
 
 #: Options whose command-line name is not the field name with dashes.
-OPTION_NAMES = {"general.tasks": "--tasks", "general.items_per_task": "--items-per-task", "general.data_dir": "--glue-dir"}
+OPTION_NAMES = {"general.tasks": "--tasks", "general.items_per_task": "--items-per-task", "general.data_dir": "--glue-dir",
+                "hparams_set": "--set"}
 
 
 def option_name(key: str) -> str:
@@ -360,14 +384,21 @@ class DriftInputs:
     skipped: list[int]
     ability: GeneralAbility
     text: HeldoutText | None
-    defaults: str
-    corpus: Path
+    hparams: ResolvedHParams
+    corpus: Path | None
+    statistics: dict[int, StatsFile] | None
     tokenizer: object
 
     @property
     def provenance(self) -> dict[str, object]:
-        """What config.json records about the inputs beyond the options (records left out by --skip-bad-records)."""
-        return {"skipped_records": {"count": len(self.skipped), "case_ids": self.skipped}} if self.skipped else {}
+        """What config.json records about the inputs beyond the options: the resolved hyperparameters, imported
+        statistics, and records left out by --skip-bad-records."""
+        found: dict[str, object] = {"hparams": self.hparams.provenance()}
+        if self.statistics is not None:
+            found["statistics"] = {str(layer): stats.provenance() for layer, stats in self.statistics.items()}
+        if self.skipped:
+            found["skipped_records"] = {"count": len(self.skipped), "case_ids": self.skipped}
+        return found
 
 
 def drift_inputs(config: DriftConfig) -> DriftInputs:
@@ -377,12 +408,24 @@ def drift_inputs(config: DriftConfig) -> DriftInputs:
     """
     check_model_source(config.model)
     defaults, corpus = editor_defaults(config.model, config)
+    hparams = drift_hparams(config, defaults)
+    statistics = None
+    if config.stats is not None:
+        statistics = locate_statistics(config.stats, hparams.hparams.layers, hparams.hparams.mom2_n_samples)
     ability = general_ability(config.model, config.general, config.seed)
     text = heldout_text(config.model, config.general)
     if config.batch_size is None:
         config.batch_size = default_batch_size(model_width(config.model, config.allow_download))
     dataset = default_dataset(config.model) if config.dataset == "auto" else config.dataset
     _, records = resolve_dataset(dataset, model_name=config.model)
+    untrue = [r["case_id"] for r in records if not (r["requested_rewrite"].get("target_true") or {}).get("str")]
+    if untrue:
+        raise SpectraError(
+            f"{len(untrue)} records of {dataset} (case ids {', '.join(map(str, untrue[:LISTED_RECORDS]))}"
+            f"{', ...' if len(untrue) > LISTED_RECORDS else ''}) have no true target (CounterFact's target_true, "
+            "EasyEdit's ground_truth), which drift's metrics compare the new target against. Use a CounterFact or "
+            "EasyEdit/KnowEdit file whose records have one (raw zsRE's gold answer is the edit target itself)."
+        )
     needed, spare = config.rounds * config.batch_size, config.represent_prompts
 
     def check_count(available: int, skipped: int) -> None:
@@ -404,7 +447,7 @@ def drift_inputs(config: DriftConfig) -> DriftInputs:
     else:
         usable_records(records[:needed] + records[len(records) - spare:] if spare else records[:needed],
                        tokenizer, dataset, skip=False)
-    return DriftInputs(records, skipped, ability, text, defaults, corpus, tokenizer)
+    return DriftInputs(records, skipped, ability, text, hparams, corpus, statistics, tokenizer)
 
 
 def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str] | None = None) -> Path:
@@ -428,6 +471,10 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
     if config.skip_bad_records and inputs.skipped:
         print(f"Skipped {len(inputs.skipped)} records the model cannot represent (--skip-bad-records; case ids in "
               "config.json).", file=sys.stderr)
+    if inputs.hparams.ignored_note() and progress:
+        print(inputs.hparams.ignored_note(), file=sys.stderr)
+    if config.resume is not None:
+        check_same_hparams(config.resume, inputs.hparams)
     if config.resume is not None:
         writer, checkpoint = resume_run(config.resume, "drift", config, extendable=frozenset({"rounds"}))
         if checkpoint.note:
@@ -441,19 +488,20 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
         records = inputs.records
         needed = config.rounds * config.batch_size
         requests = [EditRequest.from_counterfact(r) for r in records[:needed]]
-        overrides = {"seed": config.seed}
-        if config.placement is not None:
-            overrides["revive_placement"] = config.placement
+        imported = ImportedStatistics(inputs.statistics) if inputs.statistics is not None else None
 
         def new_editor() -> Editor:
-            return make_editor(config.editor, inputs.defaults, corpus=inputs.corpus, progress=progress, **overrides)
+            return make_editor(config.editor, hparams=inputs.hparams.hparams, corpus=inputs.corpus, statistics=imported,
+                               progress=progress)
 
         loop_sites = new_editor().edited_sites(model)
         originals = {site: model.adapter.read(site).float().cpu() for site in loop_sites}
         spectra0 = {site: svd(W) for site, W in originals.items()}
-        down_sites = [site for site in loop_sites if site.kind == "mlp.down"]
-        keys = sample_keys(model, [site.layer for site in down_sites], read_corpus(inputs.corpus, FUNCTIONAL_DOCUMENTS))
-        corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
+        corpus_keys = {}
+        if inputs.corpus is not None:  # imported statistics come without their corpus: no functional_change rows
+            down_sites = [site for site in loop_sites if site.kind == "mlp.down"]
+            keys = sample_keys(model, [s.layer for s in down_sites], read_corpus(inputs.corpus, FUNCTIONAL_DOCUMENTS))
+            corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
 
         def make_filter(arm: Arm) -> SiteFilter:
             if arm.tau is None:
@@ -495,6 +543,19 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
         path = writer.finalize(keep_state=True)
     plot_run(path)
     return path
+
+
+def check_same_hparams(run: Path, hparams: ResolvedHParams) -> None:
+    """A resumed run must edit with the hyperparameters it started with (a changed --hparams file would mix two)."""
+    stored = inspect_run(run).provenance.get("hparams", {}).get("values")
+    now = jsonable(hparams.hparams.to_dict())
+    if stored is not None and stored != now:
+        changed = sorted(key for key in set(stored) | set(now) if stored.get(key) != now.get(key))
+        raise SpectraError(
+            f"Cannot resume {run}: its editor hyperparameters differ from those it started with ({', '.join(changed)}); "
+            "the --hparams file was probably changed. Restore it (config.json records the values used) or start a "
+            "new run."
+        )
 
 
 def arm_states(checkpoint: Checkpoint, arms: Sequence[Arm], positions: dict[str, int],
