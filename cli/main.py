@@ -248,6 +248,8 @@ def drift(
                                      "while fewer have been edited)."),
     represent_prompts: int = typer.Option(200, help="Held-out factual prompts for representation shift (0 = off)."),
     tsne: bool = typer.Option(False, "--tsne", help="Add a joint t-SNE of the last round against the original states."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Also keep one row per scored prompt in samples.csv "
+                                     "(arm, round, case_id, prompt kind, P(new), P(true), success): which edits failed."),
     stats_corpus: Path = typer.Option(None, help="Text file (one document per line) for the key statistics "
                                       "[default: the tiny world's corpus; a real model needs it or --stats]."),
     stats: Path = typer.Option(None, help="Precomputed key statistics instead of computing them: a MEMIT/ROME "
@@ -271,6 +273,7 @@ def drift(
                          editor=editor, rounds=rounds, batch_size=batch_size, revive=revive, tau=_floats(tau, "--tau"),
                          dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
                          ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
+                         log_samples=log_samples,
                          stats_corpus=stats_corpus, stats=stats, hparams=hparams, hparams_set=list(hparams_set or []),
                          general=_general(tasks, items_per_task, glue_dir),
                          skip_bad_records=skip_bad_records, resume=resume)

@@ -8,6 +8,7 @@ Layout of a finished run ``runs/<YYYYmmdd-HHMMSS>-<command>/``::
     tensors.safetensors   named tensors, e.g. "ss/right/off/round=5/mlp.down@2" (see ss_key)
     state/NAME.safetensors  what continuing the run needs (a drift run: each arm's edited weights)
     figures/NAME.png|pdf  drawn by spectra.plots from the above, never from the model
+    NAME.csv              extra tables of per-item rows, e.g. samples.csv (``--log-samples``: one row per scored prompt)
     status.json           {"complete": true, "files": {name: sha256, size, rows/tensors}, ...}, written last
 
 A run is written into the sibling ``<name>.partial/`` and renamed into place by
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
@@ -80,7 +81,8 @@ TMP_SUFFIX = ".tmp"
 RESUME_IGNORED = frozenset({"resume", "out"})
 
 #: Context columns that always hold text; read back as strings even when a value looks numeric.
-TEXT_COLUMNS = ("experiment", "arm", "site", "side", "task", "metric", "phase", "editor", "model", "dataset", "split")
+TEXT_COLUMNS = ("experiment", "arm", "site", "side", "task", "metric", "phase", "editor", "model", "dataset", "split",
+                "unit", "prompt_kind")
 
 #: Distributions whose versions every run records.
 VERSIONED_PACKAGES = (
@@ -165,6 +167,7 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     progress: str = ""
     note: str | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,10 +177,13 @@ class _Published:
     rows: dict[str, Any] | None = None
     shards: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: extra tables by name, each as row shards (one per checkpoint that added rows to it)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def files(self) -> set[str]:
         """Every file (relative to the run directory) these entries refer to."""
         entries = ([self.rows] if self.rows else []) + self.shards + list(self.state.values())
+        entries += [entry for shards in self.tables.values() for entry in shards]
         return {entry["file"] for entry in entries}
 
 
@@ -356,13 +362,17 @@ class RunWriter:
         self._signals = SignalGuard()
         self._done = False
         self._unsaved_state: dict[str, Mapping[str, torch.Tensor]] = {}
+        self._tables: dict[str, list[pd.DataFrame]] = {}
+        self._unsaved_tables: dict[str, list[pd.DataFrame]] = {}  # table rows added since the last checkpoint
         if checkpoint is not None:
             if len(checkpoint.rows):
                 self._frames.append(checkpoint.rows)
             self._tensors.update(checkpoint.tensors)
+            self._tables = {name: [frame] for name, frame in checkpoint.tables.items()}
             if published is None:  # nothing of it is in a checkpoint of this directory yet: a reopened finished run
                 self._unsaved = list(checkpoint.tensors)
                 self._unsaved_state = dict(checkpoint.state)
+                self._unsaved_tables = {name: [frame] for name, frame in checkpoint.tables.items()}
 
     @property
     def figures_dir(self) -> Path:
@@ -380,6 +390,11 @@ class RunWriter:
         """All tensors added so far (CPU copies)."""
         return dict(self._tensors)
 
+    def table(self, name: str) -> pd.DataFrame:
+        """All rows of the extra table ``name`` added so far (empty when there are none)."""
+        frames = [f for f in self._tables.get(name, []) if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     @property
     def resume_command(self) -> str:
         """The command line that continues this run."""
@@ -392,6 +407,16 @@ class RunWriter:
         if len(frame) and not {"metric", "value"} <= set(frame.columns):
             raise ValueError(f"tidy rows need 'metric' and 'value' columns; got {list(frame.columns)}")
         self._frames.append(frame)
+
+    def add_table_rows(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append rows to the extra table ``name`` (written as ``<name>.csv``; checkpointed in shards of new rows)."""
+        self._check_open()
+        if not name.isidentifier() or name in ("results", "status", "config", "checkpoint"):
+            raise ValueError(f"table name {name!r} must be a word that names no other run file")
+        frame = pd.DataFrame(list(rows))
+        if len(frame):
+            self._tables.setdefault(name, []).append(frame)
+            self._unsaved_tables.setdefault(name, []).append(frame)
 
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store named tensors (e.g. SS matrices under ``ss_key``); a name may be stored only once."""
@@ -432,9 +457,16 @@ class RunWriter:
             for name, tensors in {**self._unsaved_state, **(state or {})}.items():
                 states[name] = self._save_tensors(f"{CHECKPOINTS_DIR}/state-{name}-{token}.safetensors",
                                                   _cpu(tensors), written)
-            published = _Published(rows_entry, shards, states)
+            tables = {name: list(entries) for name, entries in self._published.tables.items()}
+            for name, frames in self._unsaved_tables.items():
+                new_rows = pd.concat(frames, ignore_index=True)
+                tables.setdefault(name, []).append(self._write_file(
+                    f"{CHECKPOINTS_DIR}/table-{name}-{token}.csv", _rows_csv(new_rows, tail=()), written, rows=len(new_rows)))
+            published = _Published(rows_entry, shards, states, tables)
             manifest = {"round": int(round), "progress": label, "meta": jsonable(dict(meta or self._meta)),
                         "rows": rows_entry, "tensor_shards": shards, "state": states, "written": _now()}
+            if tables:
+                manifest["tables"] = tables
             previous = self.partial_path / CHECKPOINT_FILE
             if previous.is_file():
                 _write_json_atomic(self.partial_path / PREVIOUS_CHECKPOINT_FILE, self._manifest())
@@ -442,7 +474,7 @@ class RunWriter:
             # A reopened finished run's status.json no longer describes the run once a checkpoint supersedes it.
             (self.partial_path / STATUS_FILE).unlink(missing_ok=True)
             keep = published.files() | self._published.files()
-            self._published, self._unsaved, self._unsaved_state = published, [], {}
+            self._published, self._unsaved, self._unsaved_state, self._unsaved_tables = published, [], {}, {}
             self._meta, self._round, self.progress = manifest["meta"], int(round), label
             _remove_strays(directory, keep, prefix=f"{CHECKPOINTS_DIR}/")
 
@@ -468,10 +500,15 @@ class RunWriter:
                 files[ROWS_PARQUET] = self._write_file(ROWS_PARQUET, buffer, [], rows=len(rows))
             if self._tensors:
                 files[TENSORS_FILE] = self._save_tensors(TENSORS_FILE, self._tensors, written, replace=True)
+            tables = {name: self.table(name) for name in self._tables}
+            for name, table in tables.items():
+                files[f"{name}.csv"] = self._write_file(f"{name}.csv", _rows_csv(table, tail=()), [], rows=len(table))
             state_files = self._keep_state() if keep_state else {}
             files.update(state_files)
             status = {"complete": True, "finished": _now(), "rows": len(rows), "tensors": len(self._tensors),
                       "round": self._round, "progress": self.progress, "meta": self._meta, "files": files}
+            if tables:
+                status["tables"] = {name: len(table) for name, table in tables.items()}
             _write_json_atomic(self.partial_path / STATUS_FILE, status)
             for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
                 (self.partial_path / name).unlink(missing_ok=True)
@@ -526,8 +563,11 @@ class RunWriter:
 
     def _manifest(self) -> dict[str, Any]:
         """The manifest of the checkpoint now in force (written as the previous one when the next replaces it)."""
-        return {"round": self._round, "progress": self.progress, "meta": self._meta, "rows": self._published.rows,
-                "tensor_shards": self._published.shards, "state": self._published.state, "written": _now()}
+        manifest = {"round": self._round, "progress": self.progress, "meta": self._meta, "rows": self._published.rows,
+                    "tensor_shards": self._published.shards, "state": self._published.state, "written": _now()}
+        if self._published.tables:
+            manifest["tables"] = self._published.tables
+        return manifest
 
     @contextmanager
     def _writing(self, what: str, written: list[Path]) -> Iterator[None]:
@@ -863,10 +903,20 @@ class Run:
     provenance: dict[str, Any]
     rows: pd.DataFrame
     tensors: Mapping[str, torch.Tensor]
+    #: the extra tables the run holds (name -> rows), e.g. {"samples": 2600}
+    tables: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def figures_dir(self) -> Path:
         return self.path / FIGURES_DIR
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The extra table ``name`` (``samples``: one row per scored prompt, written by ``--log-samples``)."""
+        if name not in self.tables:
+            have = f"it holds {', '.join(self.tables)}" if self.tables else "it holds none"
+            hint = " (run drift with --log-samples to keep them)" if name == "samples" else ""
+            raise SpectraError(f"The run {self.path} has no {name!r} table{hint}; {have}.")
+        return _read_rows_csv(self.path / f"{name}.csv")
 
 
 
@@ -925,6 +975,7 @@ def load_run(run_dir: Path) -> Run:
         provenance=stored.get("provenance", {}),
         rows=rows,
         tensors=LazyTensors(tensors_file if tensors_file.is_file() else None),
+        tables=dict(status.get("tables") or {}),
     )
 
 
@@ -971,9 +1022,12 @@ def _load_manifest(partial: Path, name: str) -> dict[str, Any] | None:
 
     if not (isinstance(manifest, dict) and isinstance(manifest.get("round"), int) and entry_ok(manifest.get("rows"))
             and isinstance(manifest.get("tensor_shards"), list) and all(map(entry_ok, manifest["tensor_shards"]))
-            and isinstance(manifest.get("state"), dict) and all(map(entry_ok, manifest["state"].values()))):
+            and isinstance(manifest.get("state"), dict) and all(map(entry_ok, manifest["state"].values()))
+            and isinstance(manifest.get("tables", {}), dict)
+            and all(isinstance(shards, list) and all(map(entry_ok, shards)) for shards in manifest.get("tables", {}).values())):
         raise _Damaged(f"{name} is not a checkpoint manifest that this version of spectra wrote")
-    for entry in [manifest["rows"], *manifest["tensor_shards"], *manifest["state"].values()]:
+    table_entries = [entry for shards in manifest.get("tables", {}).values() for entry in shards]
+    for entry in [manifest["rows"], *manifest["tensor_shards"], *manifest["state"].values(), *table_entries]:
         try:
             _check_entry(partial, entry)
         except _Damaged as damaged:
@@ -990,9 +1044,21 @@ def _checkpoint_from_manifest(partial: Path, manifest: Mapping[str, Any]) -> tup
     for shard in manifest["tensor_shards"]:
         tensors.update(load_file(str(partial / shard["file"])))
     state = {name: load_file(str(partial / entry["file"])) for name, entry in manifest["state"].items()}
+    tables = {}
+    for name, shards in manifest.get("tables", {}).items():
+        frames = []
+        for shard in shards:
+            frame = _read_rows_csv(partial / shard["file"])
+            if len(frame) != shard.get("rows", len(frame)):
+                raise _Damaged(f"{shard['file']} holds {len(frame)} rows, but {shard['rows']} were written")
+            frames.append(frame)
+        tables[name] = pd.concat(frames, ignore_index=True)
     checkpoint = Checkpoint(round=manifest["round"], rows=rows, tensors=tensors, state=state,
-                            meta=dict(manifest.get("meta") or {}), progress=str(manifest.get("progress", "")))
-    return checkpoint, _Published(manifest["rows"], list(manifest["tensor_shards"]), dict(manifest["state"]))
+                            meta=dict(manifest.get("meta") or {}), progress=str(manifest.get("progress", "")),
+                            tables=tables)
+    published = _Published(manifest["rows"], list(manifest["tensor_shards"]), dict(manifest["state"]),
+                           {name: list(shards) for name, shards in manifest.get("tables", {}).items()})
+    return checkpoint, published
 
 
 def _finished_checkpoint(directory: Path, verify_first: bool = True) -> tuple[Checkpoint, None]:
@@ -1015,8 +1081,10 @@ def _finished_checkpoint(directory: Path, verify_first: bool = True) -> tuple[Ch
     tensors = load_file(str(directory / TENSORS_FILE)) if TENSORS_FILE in status["files"] else {}
     state = {Path(name).stem: load_file(str(directory / name)) for name in status["files"]
              if name.startswith(f"{STATE_DIR}/")}
+    tables = {name: _read_rows_csv(directory / f"{name}.csv") for name in status.get("tables", {})}
     checkpoint = Checkpoint(round=status.get("round"), rows=_read_rows_csv(directory / ROWS_CSV), tensors=tensors,
-                            state=state, meta=dict(status.get("meta") or {}), progress=str(status.get("progress", "")))
+                            state=state, meta=dict(status.get("meta") or {}), progress=str(status.get("progress", "")),
+                            tables=tables)
     return checkpoint, None
 
 
@@ -1100,11 +1168,11 @@ def _remove_strays(directory: Path, keep: set[str], prefix: str = "", suffix: st
             path.unlink(missing_ok=True)
 
 
-def _rows_csv(rows: pd.DataFrame) -> bytes:
-    """Rows as CSV bytes with ``metric`` and ``value`` last (easier to read)."""
+def _rows_csv(rows: pd.DataFrame, tail: Sequence[str] = ("metric", "value")) -> bytes:
+    """Rows as CSV bytes with the ``tail`` columns last (``metric`` and ``value``: easier to read)."""
     if len(rows.columns):
-        tail = [c for c in ("metric", "value") if c in rows.columns]
-        rows = rows[[c for c in rows.columns if c not in tail] + tail]
+        last = [c for c in tail if c in rows.columns]
+        rows = rows[[c for c in rows.columns if c not in last] + last]
     buffer = StringIO()
     rows.to_csv(buffer, index=False)
     return buffer.getvalue().encode("utf-8")

@@ -181,8 +181,8 @@ def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_kno
     args = ["drift", "--model", str(model_dir), "--hparams", str(tmp_path / "memit.yaml"), "--set", "v_num_grad_steps=3",
             "--dataset", str(tmp_path / "knowedit.json"), "--stats-corpus", str(tmp_path / "corpus.txt"),
             "--tasks", "sst2", "--glue-dir", str(glue), "--items-per-task", "2", "--rounds", "1", "--batch-size", "2",
-            "--eval-records", "2", "--represent-prompts", "2", "--out", str(out)]
-    result = CliRunner().invoke(app, args)
+            "--eval-records", "2", "--represent-prompts", "2", "--log-samples"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "Ignored in" in result.output and "rewrite_module_tmp" in result.output
     run = load_run(out)
@@ -191,6 +191,23 @@ def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_kno
     assert hparams["values"]["v_num_grad_steps"] == 3 and hparams["defaults"] is None and "device" in hparams["ignored"]
     metrics = set(run.rows["metric"])
     assert {"efficacy", "paraphrase", "neighborhood", "portability", "LS", "accuracy"} <= metrics
-    bare = CliRunner().invoke(app, [arg for arg in args if arg not in ("--hparams", str(tmp_path / "memit.yaml"))]
-                              + ["--out", str(tmp_path / "bare")])
+    assert_samples_reproduce_the_edit_metrics(run)
+    bare = CliRunner().invoke(app, [a for a in args if a not in ("--hparams", str(tmp_path / "memit.yaml"))])
     assert bare.exit_code == 2 and "--hparams FILE" in bare.output
+
+
+def assert_samples_reproduce_the_edit_metrics(run) -> None:
+    """samples.csv's success, averaged per record then over records (x100), equals every edit-metric row."""
+    samples = run.table("samples")
+    assert {"arm", "round", "case_id", "prompt_kind", "p_new", "p_true", "success"} <= set(samples.columns)
+    assert samples["p_new"].between(0, 1).all() and set(samples["arm"]) == set(run.rows["arm"])
+    per_record = samples.groupby(["arm", "round", "prompt_kind", "case_id"])["success"].mean()
+    recomputed = per_record.groupby(["arm", "round", "prompt_kind"]).mean() * 100
+    names = {"rewrite": "efficacy", "paraphrase": "paraphrase", "neighborhood": "neighborhood",
+             "portability": "portability"}
+    compared = 0
+    for (arm, round_, kind), value in recomputed.items():
+        row = run.rows[(run.rows["arm"] == arm) & (run.rows["round"] == round_) & (run.rows["metric"] == names[kind])]
+        assert row["value"].tolist() == pytest.approx([value]), (arm, round_, kind)
+        compared += 1
+    assert compared == len(set(run.rows["arm"])) * (run.rows["round"].max() + 1) * 4

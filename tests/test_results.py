@@ -189,3 +189,29 @@ def test_a_write_failure_names_the_cause_and_the_intact_checkpoint(tmp_path: Pat
     writer.close()
     _, checkpoint = resume_run(tmp_path / "run", "drift", CONFIG)
     assert checkpoint.progress == "round 0" and len(checkpoint.rows) == 2
+
+
+def test_extra_tables_are_checkpointed_in_shards_resumed_and_finished(tmp_path: Path) -> None:
+    """samples.csv: each checkpoint writes only the rows added since the last; resume reads them all back."""
+    out = tmp_path / "run"
+    writer = create_run("drift", CONFIG, out=out)
+    for round_ in range(2):
+        writer.add_table_rows("samples", [{"arm": "off", "round": round_, "case_id": i, "success": 1.0} for i in range(3)])
+        writer.checkpoint(round_)
+    writer.add_table_rows("samples", [{"arm": "off", "round": 2, "case_id": 0, "success": 0.0}])  # never checkpointed
+    del writer
+    shards = json.loads((tmp_path / "run.partial" / "checkpoint.json").read_text())["tables"]["samples"]
+    assert [shard["rows"] for shard in shards] == [3, 3]
+    resumed, checkpoint = resume_run(out, "drift", CONFIG)
+    assert len(checkpoint.tables["samples"]) == 6 and len(resumed.table("samples")) == 6
+    resumed.add_table_rows("samples", [{"arm": "off", "round": 2, "case_id": 0, "success": 0.0}])
+    resumed.checkpoint(2)
+    resumed.finalize()
+    run = load_run(out)
+    samples = run.table("samples")
+    assert run.tables == {"samples": 7} and samples["round"].tolist() == [0, 0, 0, 1, 1, 1, 2]
+    with pytest.raises(SpectraError, match="no 'other' table"):
+        run.table("other")
+    (out / "samples.csv").write_text("arm,round\n")
+    with pytest.raises(SpectraError, match="samples.csv"):
+        load_run(out)

@@ -33,10 +33,11 @@ class Arm:
 
 @dataclass
 class RoundRecord:
-    """What observers measured after one round: tidy rows and named tensors (e.g. SS matrices)."""
+    """What observers measured after one round: tidy rows, named tensors (e.g. SS matrices), per-prompt samples."""
 
     rows: list[dict] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
 
 
 class Observer(Protocol):
@@ -126,6 +127,7 @@ class EditLoop:
             record = observer(arm, round, self.model)
             merged.rows.extend(record.rows)
             merged.tensors.update(record.tensors)
+            merged.samples.extend(record.samples)
         return merged
 
     def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: Mapping[str, ArmState] | None = None) -> None:

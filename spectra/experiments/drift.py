@@ -74,6 +74,8 @@ class DriftConfig(CommonOptions):
     eval_records: int = 200
     represent_prompts: int = 200
     tsne: bool = False
+    #: keep one row per scored prompt (samples.csv: arm, round, case_id, prompt kind, P(new), P(true), success)
+    log_samples: bool = False
     stats_corpus: Path | None = None
     #: the editor's hyperparameters: an EasyEdit YAML or official JSON file, or a mapping of field values (a
     #: MemitHParams given here is stored as its mapping); None: the model's defaults
@@ -197,11 +199,12 @@ class EditMetrics:
     curves affordable (reference evaluation.md, gotcha 19).
     """
 
-    def __init__(self, records: Sequence[dict], batch_size: int, sample: int, seed: int) -> None:
+    def __init__(self, records: Sequence[dict], batch_size: int, sample: int, seed: int, log_samples: bool = False) -> None:
         self.records = list(records)
         self.batch_size = batch_size
         self.sample = sample
         self.seed = seed
+        self.log_samples = log_samples
         self.plans: dict[int, CounterFactPlan] = {}  # by case_id: every round re-scores the same prompts
 
     def chosen(self, round: int) -> list[dict]:
@@ -220,7 +223,28 @@ class EditMetrics:
         values = aggregate(rows)
         context = {"arm": arm.name, "tau": arm.tau, "round": round}
         return RoundRecord(rows=[{**context, "metric": EDIT_METRIC_NAMES[name], "value": value}
-                                 for name, value in values.items() if name in EDIT_METRIC_NAMES])
+                                 for name, value in values.items() if name in EDIT_METRIC_NAMES],
+                           samples=[{**context, **sample} for sample in prompt_samples(rows)] if self.log_samples else [])
+
+
+def prompt_samples(rows: Sequence[dict]) -> list[dict]:
+    """One sample per scored prompt: case_id, prompt_kind, prompt_idx, p_new, p_true, success.
+
+    P(x) is exp(-mean NLL of x's tokens), the per-token probability the metrics compare; success
+    is 1/0 whether the expected target won (a portability prompt: its answer's token accuracy),
+    so the mean of success per record, then over records, times 100, is the run's edit metric.
+    """
+    samples: dict[tuple[int, str, int], dict] = {}
+    for row in rows:
+        key = (row["case_id"], row["prompt_kind"], row["prompt_idx"])
+        sample = samples.setdefault(key, {"case_id": key[0], "prompt_kind": key[1], "prompt_idx": key[2],
+                                          "p_new": math.nan, "p_true": math.nan, "success": math.nan})
+        measure = row["metric"].removeprefix(f"{row['prompt_kind']}_")
+        if measure in ("nll_new", "nll_true"):
+            sample["p_" + measure.removeprefix("nll_")] = math.exp(-row["value"])
+        elif measure == "success" or (measure == "acc" and row["prompt_kind"] == "portability"):
+            sample["success"] = row["value"]
+    return list(samples.values())
 
 
 class GeneralAbilityObserver:
@@ -510,7 +534,7 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
 
         observers = [
             SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds, corpus_keys),
-            EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed),
+            EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed, config.log_samples),
             GeneralAbilityObserver(inputs.ability, inputs.text),
         ]
         shift = None
@@ -529,6 +553,7 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
             nonlocal before_saved
             writer.add_rows({**row, "editor": config.editor} for row in record.rows)
             writer.add_tensors(record.tensors)
+            writer.add_table_rows("samples", record.samples)
             positions[arm.name] = round
             saved = {f"arm{arm_index}": state}
             if shift is not None and shift.before is not None and not before_saved:
