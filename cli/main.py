@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -14,6 +15,8 @@ from rich.table import Table
 from spectra.errors import RunInterrupted, SpectraError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from spectra.experiments.common import GeneralOptions
 
 app = typer.Typer(
@@ -25,8 +28,42 @@ app = typer.Typer(
     # Plain help text: rich markup would swallow the "[default: ...]" notes of the options.
     rich_markup_mode=None,
 )
-console = Console()
+# Long lines stay whole (never wrapped at 80 columns when stdout is a file or a pipe).
+console = Console(soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+FORMATS = ("table", "csv", "json")
+
+
+def show(frame: "pd.DataFrame", fmt: str) -> None:
+    """Print a table whole: a rich table on a terminal, plain wide text into a file or pipe, or CSV / JSON.
+
+    Nothing is ever cut: rich fits tables to the terminal's width (and to 80 columns when it is
+    not one), so anything but a terminal gets pandas' plain text, which never wraps or truncates.
+    """
+    if fmt == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif fmt == "json":
+        sys.stdout.write(frame.to_json(orient="records", indent=1) + "\n")
+    elif console.is_terminal:
+        table = Table(*map(str, frame.columns))
+        for column in table.columns:
+            column.overflow = "fold"
+        for values in frame.astype(str).itertuples(index=False):
+            table.add_row(*values)
+        console.print(table)
+    else:
+        print(frame.to_string(index=False), flush=True)
+
+
+def note(text: str, fmt: str) -> None:
+    """A line around a table (run directory, hints): on stdout with a table, on stderr when stdout is CSV or JSON."""
+    print(text, file=sys.stdout if fmt == "table" else sys.stderr, flush=True)
+
+
+def check_format(fmt: str) -> None:
+    """--format must name one of FORMATS."""
+    if fmt not in FORMATS:
+        raise SpectraError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
 
 
 def friendly_errors(command: F) -> F:
@@ -59,18 +96,28 @@ def given_options(ctx: typer.Context, renamed: dict[str, str]) -> set[str]:
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in typed}
 
 
+FORMAT = typer.Option("table", "--format", help="table (whole, never cut; plain text when stdout is not a terminal), "
+                      "csv or json (to stdout; other lines go to stderr).")
+
+
 @app.command()
 @friendly_errors
-def models() -> None:
-    """List the model aliases, what they resolve to, and whether each is available locally."""
+def models(fmt: str = FORMAT) -> None:
+    """List the model aliases, what they resolve to, whether each is available locally, and its editor defaults."""
+    import pandas as pd
+
+    from spectra.editing.hparams import KNOWN_MODELS
     from spectra.models import ALIASES, locally_available
 
-    table = Table("alias", "resolves to", "available locally", "from")
+    check_format(fmt)
+    rows = []
     for alias in ALIASES:
         available, where = locally_available(alias)
-        table.add_row(alias, ALIASES[alias], "yes" if available else "no", where if available else "-")
-    console.print(table)
-    console.print("Any local directory saved with save_pretrained or a cached hub id also works as --model.")
+        rows.append({"alias": alias, "resolves to": ALIASES[alias], "available locally": "yes" if available else "no",
+                     "editor defaults": "yes" if alias in KNOWN_MODELS else "no", "from": where if available else "-"})
+    show(pd.DataFrame(rows), fmt)
+    note("Any local directory saved with save_pretrained or a cached hub id also works as --model; a hub id an alias "
+         "resolves to gets that alias's editor defaults, any other model takes --hparams FILE.", fmt)
 
 
 @app.command("train-tiny")
@@ -108,6 +155,8 @@ OUT = typer.Option(None, "--out", help="Run directory to write [default: runs/<t
 ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Let transformers download a model missing from the cache.")
 SITES = typer.Option(None, "--sites", help="Comma-separated KIND or KIND@LAYER (e.g. mlp.down or mlp.up@2,mlp.down@2) "
                      "[default: the FFN matrices of every layer].")
+SPECTRUM_SITES = typer.Option(None, "--sites", help="Comma-separated KIND or KIND@LAYER (e.g. mlp.down or "
+                              "mlp.up@2,attn.q@0) [default: every FFN and attention matrix of every layer].")
 TASKS = typer.Option(None, "--tasks", help="Comma-separated general-ability tasks [default: the tiny world's four tasks, "
                      "or sst2,mrpc,cola,rte for a real model].")
 ITEMS = typer.Option(100, "--items-per-task", help="Items per general-ability task (class-balanced, seeded subsample).")
@@ -135,27 +184,36 @@ def _general(tasks: str | None, items: int, glue_dir: Path | None) -> "GeneralOp
 @app.command()
 @friendly_errors
 def spectrum(
-    model: str = MODEL, sites: str = SITES, taus: str = typer.Option("0.05,0.1,0.2,0.3", help="Energy thresholds tau."),
+    model: str = MODEL, sites: str = SPECTRUM_SITES,
+    taus: str = typer.Option("0.05,0.1,0.2,0.3", help="Energy thresholds tau."),
     svd_dtype: str = typer.Option("float32", help="SVD precision: float32 or float64."),
+    fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
 ) -> None:
     """Per site: shape, k and k/rank per tau, spectral norm, condition number, effective rank."""
+    import pandas as pd
+
     from spectra.experiments.probes import SpectrumConfig, run_spectrum
 
+    check_format(fmt)
     config = SpectrumConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                             sites=sites, taus=_floats(taus, "--taus"), svd_dtype=svd_dtype)
     path, rows = run_spectrum(config)
-    table = Table("site", "shape", *[f"k/r @{t:g}" for t in config.taus], "sigma_1", "cond", "eff. rank")
     by_site: dict[str, dict] = {}
     for row in rows:
         key = row["metric"] + (f"@{row['tau']:g}" if row["tau"] is not None else "")
         by_site.setdefault(row["site"], {})[key] = row["value"]
+    table = []
     for site, values in by_site.items():
-        table.add_row(site, f"{int(values['m'])}x{int(values['n'])}",
-                      *[f"{int(values[f'k@{t:g}'])} ({values[f'k_over_rank@{t:g}']:.1%})" for t in config.taus],
-                      f"{values['spectral_norm']:.3g}", f"{values['condition_number']:.3g}", f"{values['effective_rank']:.1f}")
-    console.print(table)
-    console.print(f"run directory: {path}")
+        entry: dict[str, object] = {"site": site, "shape": f"{int(values['m'])}x{int(values['n'])}"}
+        for t in config.taus:
+            entry[f"k @{t:g}"] = int(values[f"k@{t:g}"])
+            entry[f"k/rank % @{t:g}"] = round(100 * values[f"k_over_rank@{t:g}"], 1)
+        entry.update({"sigma_1": float(f"{values['spectral_norm']:.4g}"), "cond": float(f"{values['condition_number']:.4g}"),
+                      "eff. rank": round(values["effective_rank"], 1)})
+        table.append(entry)
+    show(pd.DataFrame(table), fmt)
+    note(f"run directory: {path}", fmt)
 
 
 @app.command()
@@ -163,17 +221,18 @@ def spectrum(
 def concentration(
     model: str = MODEL, sites: str = SITES,
     fractions: str = typer.Option("5,10,20,30,40,50,60,70,80,90,100", help="Percent of singular-value energy kept, each in (0, 100]."),
-    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR,
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
 ) -> None:
     """Reconstruct the sites from their top-n % energy and measure general ability (paper Fig. 2a)."""
     from spectra.experiments.probes import ConcentrationConfig, run_concentration
 
+    check_format(fmt)
     config = ConcentrationConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                                  sites=sites, fractions=_floats(fractions, "--fractions"),
                                  general=_general(tasks, items_per_task, glue_dir))
     path = run_concentration(config)
-    _summarise(path, ["fraction", "task"], "accuracy")
+    _summarise(path, ["fraction", "task"], "accuracy", fmt)
 
 
 @app.command()
@@ -184,17 +243,18 @@ def sensitivity(
     eps: float = typer.Option(0.1, help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute."),
     eps_absolute: bool = typer.Option(False, "--eps-absolute", help="Read --eps as an absolute Frobenius norm."),
     seeds: int = typer.Option(3, help="Random perturbations per group."),
-    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR,
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
 ) -> None:
     """Perturb each energy group (0-10 %, ..., 90-100 %) and measure general ability (paper Fig. 2b, 11)."""
     from spectra.experiments.probes import SensitivityConfig, run_sensitivity
 
+    check_format(fmt)
     config = SensitivityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                                sites=sites, side=side, eps=eps, eps_absolute=eps_absolute, seeds=seeds,
                                general=_general(tasks, items_per_task, glue_dir))
     path = run_sensitivity(config)
-    _summarise(path, ["side", "group"], "accuracy", task="mean")
+    _summarise(path, ["side", "group"], "accuracy", fmt, task="mean")
 
 
 @app.command()
@@ -205,12 +265,13 @@ def trace(
                                 "[default: the tiny world for the tiny model, else counterfact]."),
     facts: int = typer.Option(30, help="Facts traced (a seeded sample of the dataset; at most its size)."),
     noise: float = typer.Option(3.0, help="Noise on the subject's embeddings, in stds of the embedding matrix."),
-    skip_bad_records: bool = SKIP_BAD,
+    skip_bad_records: bool = SKIP_BAD, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
 ) -> None:
     """Causal trace (ROME): which blocks hold facts at the subject's last token, and where they are read out."""
     from spectra.experiments.probes import TraceConfig, run_trace
 
+    check_format(fmt)
     config = TraceConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                          dataset=dataset, facts=facts, noise=noise, skip_bad_records=skip_bad_records)
     path = run_trace(config)
@@ -218,11 +279,12 @@ def trace(
 
     rows = load_run(path).rows
     restored = rows.dropna(subset=["layer"]).astype({"layer": int})
-    console.print("P(true object) with block L's output restored (columns: L)")
-    console.print(restored.pivot_table(index="position", columns="layer", values="value").round(3).to_string())
+    note("P(true object) with block L's output restored (columns: block L)", fmt)
+    table = restored.pivot_table(index="position", columns="layer", values="value").round(3)
+    show(table.rename(columns=lambda layer: f"block {layer}").reset_index(), fmt)
     baselines = rows[rows["layer"].isna()].set_index("position")["value"]
-    console.print(f"clean {baselines['clean']:.3f}   corrupted {baselines['corrupted']:.3f}")
-    console.print(f"run directory: {path}")
+    note(f"clean {baselines['clean']:.3f}   corrupted {baselines['corrupted']:.3f}", fmt)
+    note(f"run directory: {path}", fmt)
 
 
 @app.command()
@@ -261,6 +323,7 @@ def drift(
     hparams_set: list[str] = typer.Option(None, "--set", help="Override one hyperparameter, key=value (repeatable), "
                                           "e.g. --set v_lr=0.5 --set layers=[4,5,6]."),
     tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, skip_bad_records: bool = SKIP_BAD,
+    fmt: str = FORMAT,
     resume: Path = typer.Option(None, help="Continue a run directory: an interrupted one from its last intact "
                                 "checkpoint, a finished one with a larger --rounds. Its options come from its "
                                 "config.json; options given as well must match them."),
@@ -269,6 +332,7 @@ def drift(
     """Edit round after round with REVIVE on and off; track LS, SS, norms, edit metrics and general ability."""
     from spectra.experiments.drift import OPTION_NAMES, DriftConfig, run_drift
 
+    check_format(fmt)
     config = DriftConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                          editor=editor, rounds=rounds, batch_size=batch_size, revive=revive, tau=_floats(tau, "--tau"),
                          dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
@@ -282,49 +346,48 @@ def drift(
     from spectra.experiments.drift import last_round_table
     from spectra.results import load_run
 
-    print(last_round_table(load_run(path).rows).round(4).to_string())
-    print(f"run directory: {path}")
-    print(f"figures: {path / 'figures'}")
+    show(last_round_table(load_run(path).rows).round(4).reset_index(), fmt)
+    note(f"run directory: {path}", fmt)
+    note(f"figures: {path / 'figures'}", fmt)
 
 
 @app.command()
 @friendly_errors
-def plot(run_dir: Path = typer.Argument(..., help="A finished run directory.")) -> None:
+def plot(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+         pdf: bool = typer.Option(False, "--pdf", help="Write every figure as PDF too (PNG only by default).")) -> None:
     """Redraw every figure of a run from its directory alone (no model needed)."""
     from spectra.plots import plot_run
 
-    for figure in plot_run(run_dir):
-        console.print(str(figure))
+    for figure in plot_run(run_dir, formats=("png", "pdf") if pdf else ("png",)):
+        print(figure, flush=True)
 
 
 @app.command()
 @friendly_errors
-def data() -> None:
+def data(fmt: str = FORMAT) -> None:
     """Show which standard dataset files are present locally, where to put missing ones, and every edit-set format."""
-    from spectra.data.datasets import FORMATS, local_data, where_to_put
+    import pandas as pd
 
-    table = Table("name", "file", "present", "what it is for", "path")
-    for status in local_data():
-        table.add_row(status.file.name, status.file.filename, "yes" if status.present else "no",
-                      status.file.purpose, str(status.path))
-    console.print(table)
-    console.print(where_to_put())
-    console.print("\nEdit-set formats (--dataset PATH; detected from the first record's fields), one example record each:")
-    for kind, title, example in FORMATS:
-        console.print(f"\n{title} [{kind}]:", highlight=False)
-        console.print(example, highlight=False, markup=False)
+    from spectra.data.datasets import FORMATS as DATA_FORMATS, local_data, where_to_put
+
+    check_format(fmt)
+    show(pd.DataFrame([{"name": s.file.name, "file": s.file.filename, "present": "yes" if s.present else "no",
+                        "what it is for": s.file.purpose, "path": str(s.path)} for s in local_data()]), fmt)
+    note(where_to_put(), fmt)
+    note("\nEdit-set formats (--dataset PATH; detected from the first record's fields), one example record each:", fmt)
+    for kind, title, example in DATA_FORMATS:
+        note(f"\n{title} [{kind}]:\n{example}", fmt)
 
 
-def _summarise(path: Path, by: list[str], metric: str, task: str | None = None, last_round_only: bool = False) -> None:
-    """Print a compact table of one metric from a finished run."""
+def _summarise(path: Path, by: list[str], metric: str, fmt: str, task: str | None = None) -> None:
+    """Print a compact table of one metric from a finished run (mean over repeated rows), then the run directory."""
     from spectra.results import load_run
 
     rows = load_run(path).rows
     rows = rows[rows["metric"] == metric]
     if task is not None and "task" in rows:
         rows = rows[rows["task"] == task]
-    if last_round_only and "round" in rows and len(rows):
-        rows = rows[rows["round"] == rows["round"].max()]
     if len(rows):
-        console.print(rows.groupby([c for c in by if c in rows], dropna=False)["value"].mean().round(4).to_string())
-    console.print(f"run directory: {path}")
+        table = rows.groupby([c for c in by if c in rows], dropna=False)["value"].mean().round(4)
+        show(table.rename(metric).reset_index(), fmt)
+    note(f"run directory: {path}", fmt)

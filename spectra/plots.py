@@ -76,7 +76,8 @@ ENERGY_METRICS = ("k_over_rank", "k")
 #: Sides of the sensitivity probe, in panel order.
 SIDES = ("input", "output")
 
-FORMATS = ("png", "pdf")
+#: What figures are written as by default; ``spectra plot --pdf`` adds PDF (a vector copy costs ~20 s per run).
+FORMATS = ("png",)
 
 
 class NoData(SpectraError):
@@ -93,7 +94,7 @@ def style() -> Iterator[None]:
 
 
 def save_figure(fig: Figure, directory: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write ``directory/name.png`` and ``.pdf`` (created as needed), release the figure, return the paths."""
+    """Write ``directory/name.<fmt>`` per format (PNG by default; created as needed), release the figure, return the paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

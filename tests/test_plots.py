@@ -108,7 +108,8 @@ def test_line_figures(draw, n_axes: int, n_lines: list[int], tmp_path: Path) -> 
     axes = _data_axes(fig)
     assert len(axes) == n_axes
     assert [len(ax.get_lines()) for ax in axes] == n_lines
-    paths = plots.save_figure(fig, tmp_path / "figures", "fig")
+    assert [p.name for p in plots.save_figure(fig, tmp_path / "figures", "fig")] == ["fig.png"], "PNG by default"
+    paths = plots.save_figure(fig, tmp_path / "figures", "fig", formats=("png", "pdf"))
     assert [p.name for p in paths] == ["fig.png", "fig.pdf"] and all(p.stat().st_size > 0 for p in paths)
 
 
@@ -196,7 +197,7 @@ def test_style_is_not_global() -> None:
 
 
 def test_plot_run_redraws_every_supported_figure(tmp_path: Path) -> None:
-    """plot_run draws exactly the figures the run's rows and tensors support, as PNG and PDF."""
+    """plot_run draws exactly the figures the run's rows and tensors support, as PNG (PDF only when asked)."""
     drift = drift_rows(edit=("efficacy",), tasks=(), norms=("fro_ratio",))  # few panels: this test is about choosing
     rows = pd.concat([concentration_rows(), sensitivity_rows(), drift, tsne_rows(), energy_rows()], ignore_index=True)
     with create_run("all", {"seed": 0}, root=tmp_path) as writer:
@@ -206,4 +207,5 @@ def test_plot_run_redraws_every_supported_figure(tmp_path: Path) -> None:
     names = {p.stem for p in written}
     assert names == {"concentration", "sensitivity", "drift_overview", "edit_metrics", "ls", "norm_growth", "tsne",
                      "energy_spectrum", "ss_right_off_mlp.down-2"}
-    assert len(written) == 2 * len(names) and all(p.parent == writer.path / "figures" and p.exists() for p in written)
+    assert len(written) == len(names) and all(p.suffix == ".png" and p.parent == writer.path / "figures" and p.exists()
+                                              for p in written)

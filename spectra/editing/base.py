@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 import torch
 
@@ -28,6 +28,12 @@ class Editor(Protocol):
     """What the edit loop calls: prepare once, then one ``apply_round`` per batch of requests."""
 
     name: str
+    #: called with the steps done after every z-optimisation step of a round (a progress display sets it)
+    on_step: Callable[[int], None] | None
+
+    @property
+    def z_steps(self) -> int:
+        """The z-optimisation steps one round runs at most (0 for an editor that optimises none per round)."""
 
     def prepare(self, model: LoadedModel, requests: list[EditRequest]) -> None:
         """Once, before round 1, on the unedited model (templates, statistics, P, NSE's z)."""
@@ -181,12 +187,18 @@ class LocateEditEditor(ABC):
             )
         self.hparams = hparams
         self.statistics = statistics
+        self.on_step: Callable[[int], None] | None = None
         self.templates: list[str] | None = None
         self.fingerprint: str | None = None
         self._covariances: dict[int, torch.Tensor] = {}
         self._weights = MasterWeights()
 
     # -- interface ------------------------------------------------------------------------
+    @property
+    def z_steps(self) -> int:
+        """The z-optimisation steps one round runs at most (v_num_grad_steps; early stops end it sooner)."""
+        return self.hparams.v_num_grad_steps
+
     def edited_sites(self, model: LoadedModel) -> list[Site]:
         """The down projections of the edited layers (checked against the model's depth)."""
         n_layers = model.adapter.n_layers
@@ -279,7 +291,7 @@ class LocateEditEditor(ABC):
 
     def _edit(self, model: LoadedModel, requests: list[EditRequest], rows: PromptRows, filter: SiteFilter) -> dict[Site, Delta]:
         """Compute z on the current model and spread the residual over the layers."""
-        z = optimize_targets(model, requests, self.templates, self.z_settings())
+        z = optimize_targets(model, requests, self.templates, self.z_settings(), self.on_step)
         return self._spread(model, rows, z, filter)
 
     def _spread(self, model: LoadedModel, rows: PromptRows, z: torch.Tensor, filter: SiteFilter) -> dict[Site, Delta]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -278,7 +278,8 @@ class ZSettings:
 
 
 def optimize_targets(
-    model: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], settings: ZSettings
+    model: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], settings: ZSettings,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Target hidden states z (d, n): block ``settings.layer``'s output at the lookup position, pushed to say the target.
 
@@ -287,6 +288,7 @@ def optimize_targets(
     optimisations (same steps, same early stops: a finished request's row is frozen and its rows
     leave the batch), at the cost of a few batched forward passes instead of n small ones.
     Requests are processed in chunks of at most ``batch_size`` sequences, accumulating gradients.
+    ``on_step(1)`` is called after every step (a progress display).
     """
     rows = _z_rows(model, requests, templates, settings.key_position)
     n = len(requests)
@@ -313,6 +315,8 @@ def optimize_targets(
             if pending and step < settings.steps - 1:
                 torch.stack(pending).sum().backward()
         active -= finished
+        if on_step is not None:
+            on_step(1)
         if not active or step == settings.steps - 1:
             break
         # Finished requests keep their delta: Adam's momentum would otherwise still move them.

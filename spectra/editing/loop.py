@@ -21,6 +21,7 @@ from spectra.editing.filters import SiteFilter
 from spectra.errors import SpectraError
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
+from spectra.progress import NoStages, Stages
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class EditLoop:
         make_editor: Callable[[], Editor],
         make_filter: Callable[[Arm], SiteFilter],
         observers: Sequence[Observer],
+        stages: Stages | None = None,
     ) -> None:
         if rounds < 1 or batch_size < 1:
             raise SpectraError(f"rounds and batch size must be at least 1 (got {rounds} and {batch_size}).")
@@ -106,6 +108,7 @@ class EditLoop:
         self.make_editor = make_editor
         self.make_filter = make_filter
         self.observers = list(observers)
+        self.stages = stages or NoStages()
         probe = make_editor()
         self.sites = probe.edited_sites(model)
         self.original = {site: model.adapter.read(site).clone() for site in self.sites}
@@ -123,11 +126,13 @@ class EditLoop:
     def observe(self, arm: Arm, round: int) -> RoundRecord:
         """Call every observer and merge their records."""
         merged = RoundRecord()
-        for observer in self.observers:
-            record = observer(arm, round, self.model)
-            merged.rows.extend(record.rows)
-            merged.tensors.update(record.tensors)
-            merged.samples.extend(record.samples)
+        with self.stages.stage(f"{arm.name} round {round}: observers", len(self.observers)) as advance:
+            for observer in self.observers:
+                record = observer(arm, round, self.model)
+                merged.rows.extend(record.rows)
+                merged.tensors.update(record.tensors)
+                merged.samples.extend(record.samples)
+                advance(1)
         return merged
 
     def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: Mapping[str, ArmState] | None = None) -> None:
@@ -163,7 +168,9 @@ class EditLoop:
             on_round(arm, arm_index, 0, record, self._state(editor))
         for round in range(start + 1, self.rounds + 1):
             began = time.perf_counter()
-            editor.apply_round(self.model, self.batch(round), site_filter)
+            with self.stages.stage(f"{arm.name} round {round}: z optimisation", editor.z_steps) as advance:
+                editor.on_step = advance
+                editor.apply_round(self.model, self.batch(round), site_filter)
             if round == self.rounds and hasattr(editor, "finalize"):
                 editor.finalize(self.model)
             edit_seconds = time.perf_counter() - began

@@ -58,6 +58,11 @@ class NseEditor(LocateEditEditor):
     name: ClassVar[str] = "nse"
     hparams_class: ClassVar[type[NseHParams]] = NseHParams
 
+    @property
+    def z_steps(self) -> int:
+        """None per round: every request's z is optimised once, in ``prepare``, on the unedited model."""
+        return 0
+
     def __init__(self, hparams: NseHParams, corpus: Corpus | None = None, **kwargs: Any) -> None:
         super().__init__(hparams, corpus, **kwargs)
         self.key_cache = KeyCache()

@@ -36,6 +36,7 @@ from spectra.experiments.common import (
 from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer, model_width
 from spectra.models.sites import Site
 from spectra.models.tiny import WORLD_FILES
+from spectra.progress import ConsoleStages
 from spectra.results import (
     RESUME_IGNORED, Checkpoint, busy_message, check_run_target, config_changes, create_run, flatten_options,
     inspect_run, jsonable, live_writer, resume_run, ss_key,
@@ -544,7 +545,8 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
                                         config.seed)
             shift.before = checkpoint.state.get("representations", {}).get("before")
             observers.append(shift)
-        loop = EditLoop(model, requests, config.rounds, config.batch_size, new_editor, make_filter, observers)
+        loop = EditLoop(model, requests, config.rounds, config.batch_size, new_editor, make_filter, observers,
+                        ConsoleStages(enabled=None if progress else False))
         positions: dict[str, int] = {name: int(r) for name, r in checkpoint.meta.get("arms", {}).items()}
         resume = arm_states(checkpoint, arms, positions, loop_sites)
         before_saved = "representations" in checkpoint.state
