@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from spectra.glossary import GLOSSARY
 from spectra.results import load_run
 from spectra_cli.main import app
 
@@ -39,6 +40,7 @@ def test_trace_writes_a_restoration_curve_per_position(world_model, tmp_path):
     result = invoke("trace", "--model", str(world_model), "--facts", "4", "--out", str(out))
     assert "clean" in result.output and "subject_last" in result.output
     rows = load_run(out).rows
+    assert set(rows["metric"]) <= set(GLOSSARY) and rows["unit"].notna().all()
     curves = rows.dropna(subset=["layer"])
     assert set(curves["position"]) == {"subject_last", "last"} and curves["layer"].nunique() == 4
     assert (out / "figures" / "causal_trace.png").exists()
@@ -51,6 +53,7 @@ def test_spectrum_writes_rows_for_every_site(world_model, tmp_path):
     invoke("spectrum", "--model", str(world_model), "--sites", "mlp.down,mlp.up@0", "--out", str(out))
     rows = load_run(out).rows
     assert set(rows["site"]) == {"mlp.down@0", "mlp.down@1", "mlp.down@2", "mlp.down@3", "mlp.up@0"}
+    assert set(rows["metric"]) <= set(GLOSSARY) and rows["unit"].notna().all()
     k = rows[(rows["metric"] == "k_over_rank") & (rows["tau"] == 0.1)]
     assert ((k["value"] > 0) & (k["value"] <= 1)).all()
 
@@ -61,6 +64,7 @@ def test_concentration_restores_weights_and_draws_its_figure(world_model, tmp_pa
            "--out", str(out))
     run = load_run(out)
     assert set(run.rows["fraction"].dropna()) == {10.0, 100.0}
+    assert set(run.rows["metric"]) <= set(GLOSSARY) and set(run.rows["unit"]) == {"fraction", "correlation"}
     assert (run.path / "figures" / "concentration.png").is_file()
 
 
@@ -96,13 +100,36 @@ def _drift_args(world_model: Path, out: Path) -> list[str]:
             "--out", str(out)]
 
 
+@pytest.fixture(scope="module")
+def whole(world_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A drift run with the default options but small counts (3 rounds of 3 edits), uninterrupted."""
+    out = tmp_path_factory.mktemp("drift") / "whole"
+    invoke(*_drift_args(world_model, out))
+    return out
+
+
 @pytest.mark.slow
-def test_drift_resumed_after_an_interrupted_round_gives_the_same_rows(world_model, tmp_path, monkeypatch):
+def test_the_readme_glossary_covers_every_metric_of_a_default_drift_run(whole):
+    """Every metric name of a default drift run has a glossary entry with a unit, and the README shows the glossary."""
+    import re
+
+    from spectra.glossary import GLOSSARY, glossary_markdown
+
+    rows = load_run(whole).rows
+    assert set(rows["metric"]) <= set(GLOSSARY), set(rows["metric"]) - set(GLOSSARY)
+    assert rows["unit"].notna().all() and set(rows["unit"]) <= {m.unit for m in GLOSSARY.values()}
+    assert {"text_nll", "text_perplexity", "delta_spectral_rel", "spectral_norm_ratio", "functional_change"} <= set(rows["metric"])
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Glossary of metrics"):]
+    listed = re.findall(r"^\| `([^`]+)` \|", section[: section.index("\n## ", 3)], re.M)
+    assert listed == list(GLOSSARY), "README's glossary must be spectra.glossary.glossary_markdown()"
+    assert glossary_markdown() in readme
+
+
+@pytest.mark.slow
+def test_drift_resumed_after_an_interrupted_round_gives_the_same_rows(world_model, whole, tmp_path, monkeypatch):
     """Kill a drift run after round 2 of the first arm, resume it, compare with an uninterrupted run."""
     from spectra.editing import loop as loop_module
-
-    whole = tmp_path / "whole"
-    invoke(*_drift_args(world_model, whole))
 
     interrupted = tmp_path / "interrupted"
     original_observe = loop_module.EditLoop.observe

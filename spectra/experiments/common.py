@@ -13,6 +13,7 @@ import torch
 from spectra.data.general import load_general_tasks, subsample
 from spectra.errors import SpectraError
 from spectra.evaluation.general import GeneralAbility, HeldoutText
+from spectra.glossary import with_units
 from spectra.models import LoadedModel, Site, load_model, parse_sites
 from spectra.editing.hparams import KNOWN_MODELS
 from spectra.models.loading import ALIASES, resolve_source
@@ -209,13 +210,13 @@ def usable_records(records: Sequence[dict], tokenizer: object, dataset: str, ski
 
 
 def ability_rows(scores: dict[str, dict[str, float]], **context: object) -> list[dict]:
-    """Tidy rows (``task, metric, value`` plus context) from a GeneralAbility result; adds the task mean."""
+    """Tidy rows (``task, metric, value, unit`` plus context) from a GeneralAbility result; adds the task mean."""
     rows = [{**context, "task": task, "metric": metric, "value": value}
             for task, metrics in scores.items() for metric, value in metrics.items() if metric != "n"]
     if scores:
         mean = sum(m["accuracy"] for m in scores.values()) / len(scores)
         rows.append({**context, "task": "mean", "metric": "accuracy", "value": mean})
-    return rows
+    return with_units(rows)
 
 
 def check_fraction_list(values: list[float], name: str, low: float, high: float) -> None:

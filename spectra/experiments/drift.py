@@ -35,6 +35,7 @@ from spectra.experiments.common import (
 )
 from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer, model_width
 from spectra.models.sites import Site
+from spectra.glossary import with_units
 from spectra.models.tiny import WORLD_FILES
 from spectra.progress import ConsoleStages
 from spectra.results import (
@@ -553,7 +554,7 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
 
         def on_round(arm: Arm, arm_index: int, round: int, record: RoundRecord, state: dict) -> None:
             nonlocal before_saved
-            writer.add_rows({**row, "editor": config.editor} for row in record.rows)
+            writer.add_rows(with_units({**row, "editor": config.editor} for row in record.rows))
             writer.add_tensors(record.tensors)
             writer.add_table_rows("samples", record.samples)
             positions[arm.name] = round

@@ -26,6 +26,7 @@ from spectra.experiments.common import (
 )
 from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer
 from spectra.models.sites import Site
+from spectra.glossary import with_units
 from spectra.results import RunWriter, check_run_target, create_run
 from spectra.spectral import Spectrum, SpectrumCache, group_perturbation, spectrum_table
 
@@ -258,7 +259,7 @@ def _progress(items: list, label: str, enabled: bool) -> Iterator:
 def _write(writer: RunWriter, rows: list[dict]) -> Path:
     """Write a probe's rows as a finished run and draw its figures; returns the run's path."""
     with writer.running():
-        writer.add_rows(rows)
+        writer.add_rows(with_units(rows))
         path = writer.finalize()
     return _plotted(path)
 

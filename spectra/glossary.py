@@ -1,0 +1,153 @@
+"""Every metric name a run's results.csv can hold: its unit (scale), definition and source, in one place.
+
+Rows carry their metric's unit in a ``unit`` column (added by ``with_units``), so a table never
+mixes a 0-100 efficacy with a 0-1 accuracy silently. The README's glossary is this table
+(``glossary_markdown``); a test keeps the two, and the metrics of a default drift run, in step.
+
+Units: ``percent`` (0-100), ``fraction`` (0-1), ``correlation`` (-1 to 1), ``ratio`` (>= 0,
+1 = unchanged), ``weight norm`` (in the weights' own units), ``count``, ``nats/token``,
+``seconds``, ``bits x 100`` (the papers' fluency), ``coordinate`` (t-SNE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric name: the unit its values are in, what it measures, and where the definition comes from."""
+
+    unit: str
+    definition: str
+    source: str
+
+
+_CF = "ROME/MEMIT `eval_utils_counterfact.py`, AlphaEdit `summarize.py` (mean per record, then over records, x100)"
+_SS = ("SS = k x r matrix of |cos(v_i(W_t), v_j(W_0))|, rows: the top-`metric_tau` vectors of W_t (right side: input "
+       "vectors; left: output vectors)")
+_SHIFT = "held-out prompts' hidden states at the last edited layer, before editing (x) and now (y)"
+
+GLOSSARY: dict[str, Metric] = {
+    # -- edit success (drift; CounterFact-style scoring of records edited so far) ----------------
+    "efficacy": Metric("percent", "Share of edited prompts where P(target_new) > P(target_true) (per-token mean "
+                       "probability).", f"REVIVE Eq. 10; {_CF}"),
+    "paraphrase": Metric("percent", "The same comparison on the records' paraphrase prompts.", f"REVIVE Eq. 11; {_CF}"),
+    "neighborhood": Metric("percent", "Share of neighbourhood (locality) prompts where the true answer still beats "
+                           "target_new.", f"REVIVE Eq. 12; {_CF}"),
+    "score": Metric("percent", "Harmonic mean of efficacy, paraphrase and neighborhood.", "MEMIT `summarize.py`"),
+    "efficacy_magnitude": Metric("percent", "Mean of P(target_new) - P(target_true) on the edited prompts (x100: "
+                                 "percentage points).", _CF),
+    "paraphrase_magnitude": Metric("percent", "The same difference on paraphrase prompts.", _CF),
+    "neighborhood_magnitude": Metric("percent", "Mean of P(true answer) - P(target_new) on neighbourhood prompts.", _CF),
+    "efficacy_acc": Metric("percent", "Share of edited prompts whose every target_new token is the argmax.",
+                           "AlphaEdit `rewrite_prompts_correct`"),
+    "paraphrase_acc": Metric("percent", "The same on paraphrase prompts.", "AlphaEdit `paraphrase_prompts_correct`"),
+    "neighborhood_acc": Metric("percent", "Share of neighbourhood prompts whose every true-answer token is the argmax.",
+                               "AlphaEdit `neighborhood_prompts_correct`"),
+    "portability": Metric("percent", "Mean share of a portability answer's tokens that are the argmax (teacher "
+                          "forced); only for datasets with portability prompts (KnowEdit, EasyEdit).",
+                          "EasyEdit `test_prediction_acc` (KnowEdit's portability)"),
+    "fluency": Metric("bits x 100", "Generation entropy of 100-token top-5 samples from the records' generation "
+                      "prompts: (2/3 H2 + 4/3 H3) / 2 of the n-gram distributions, x100 (--fluency).",
+                      "REVIVE Eq. 13; ROME `generate_fast` + `n_gram_entropy`"),
+    "consistency": Metric("percent", "TF-IDF cosine between the generations and reference texts about target_new "
+                          "(attribute snippets), x100 (--consistency).", "ROME `tfidf_similarity` (REVIVE App. E.4)"),
+    # -- general ability ---------------------------------------------------------------------
+    "accuracy": Metric("fraction", "Zero-shot accuracy of a general-ability task (task column; 'mean' averages the "
+                       "tasks): the choice with the lowest mean NLL.", "REVIVE App. E.5 (GLUE), AlphaEdit's harness"),
+    "f1": Metric("fraction", "F1 of the same predictions (binary, choice 1 positive; macro for more choices).",
+                 "scikit-learn `f1_score`, AlphaEdit's harness"),
+    "mcc": Metric("correlation", "Matthews correlation of the same predictions (CoLA's metric).",
+                  "scikit-learn `matthews_corrcoef`"),
+    "text_nll": Metric("nats/token", "Held-out text NLL per token (task 'heldout_text'): general language ability "
+                       "as one continuous number.", "spectra (`HeldoutText`)"),
+    "text_perplexity": Metric("ratio", "exp(text_nll).", "spectra (`HeldoutText`)"),
+    # -- spectral drift of each edited matrix (drift) --------------------------------------
+    "LS": Metric("fraction", "Cosine of the top-`metric_tau` reconstructions of W_t and W_0 (Frobenius inner "
+                 "product).", "REVIVE Eq. 3"),
+    "SS_k": Metric("count", "Rows of the SS matrix: the dominant rank k of W_0 at `metric_tau` (Eq. 5).",
+                   "REVIVE Eq. 5"),
+    "SS_diag_mean": Metric("fraction", f"Mean of SS[i, i]: {_SS}.", "REVIVE Sec. 2.3, Fig. 5"),
+    "SS_diag_min": Metric("fraction", "Smallest SS[i, i] over the dominant vectors.", "REVIVE Sec. 2.3"),
+    "SS_row_max_mean": Metric("fraction", "Mean over dominant vectors of their best |cos| with any original vector "
+                              "(the paper's maximum SS).", "REVIVE App. F.2, Fig. 12"),
+    "SS_row_max_min": Metric("fraction", "Smallest of those best matches.", "REVIVE App. F.2"),
+    "SS_argmax_match": Metric("fraction", "Share of dominant vectors whose best match is their own index.",
+                              "spectra (`ss_summary`)"),
+    "SS_subspace_overlap": Metric("fraction", "Mean over dominant vectors of their squared projection onto W_0's "
+                                  "top-k span: 1 when the dominant subspace is unchanged.", "spectra (`ss_summary`)"),
+    "SS_protected_diag_min": Metric("fraction", "Smallest SS[i, i] over the protected vectors (the arm's tau; "
+                                    "metric_tau for off): 1 when they are intact and keep their rank order.",
+                                    "spectra (REVIVE Fig. 13)"),
+    "SS_protected_match_min": Metric("fraction", "Smallest best |cos| of a protected vector of W_0 with any vector of "
+                                     "W_t: 1 when intact wherever they now rank.", "spectra (`ss_best_match`)"),
+    "protected_triplet_residual": Metric("ratio", "max over protected triplets of max(||W_t v_i - s_i u_i||, "
+                                         "||W_t^T u_i - s_i v_i||) / s_i: 0 when REVIVE kept them exactly.",
+                                         "spectra (REVIVE Eq. 6's guarantee)"),
+    "fro_ratio": Metric("ratio", "||W_t||_F / ||W_0||_F.", "REVIVE Sec. 2.3 (norm growth)"),
+    "delta_fro": Metric("weight norm", "||W_t - W_0||_F.", "spectra (`drift_stats`)"),
+    "delta_fro_rel": Metric("ratio", "||W_t - W_0||_F / ||W_0||_F.", "spectra (`drift_stats`)"),
+    "delta_spectral_rel": Metric("ratio", "||W_t - W_0||_2 / sigma_1(W_0): the update's size against the weight's "
+                                 "largest singular value.", "spectra (`drift_stats`)"),
+    "spectral_norm_ratio": Metric("ratio", "sigma_1(W_t) / sigma_1(W_0).", "spectra (`drift_stats`)"),
+    "functional_change": Metric("ratio", "RMS over corpus keys k of ||(W_t - W_0) k|| / RMS of ||W_0 k||: how much "
+                                "the update changes what the matrix computes on inputs it really sees (needs a "
+                                "statistics corpus).", "spectra (`functional_change`; reference editing-regime.md)"),
+    "spectral_norm": Metric("weight norm", "sigma_1 of the matrix (drift: of W_t).", "spectra (`Spectrum`)"),
+    "condition_number": Metric("ratio", "sigma_1 / sigma_min (drift: of W_t).", "spectra (`Spectrum`)"),
+    "effective_rank": Metric("count", "exp of the entropy of the normalised singular values (Roy & Vetterli 2007; "
+                             "drift: of W_t).", "spectra (`Spectrum`)"),
+    # -- representation shift (drift) ------------------------------------------------------
+    "cosine": Metric("fraction", f"Mean over prompts of cos(x_i, y_i); {_SHIFT}.", "spectra (`mean_cosine`)"),
+    "cka": Metric("fraction", "Linear CKA of x and y: 1 = same geometry up to rotation and scale.",
+                  "Kornblith et al. 2019; spectra (`linear_cka`)"),
+    "drift": Metric("ratio", "Mean over prompts of ||y_i - x_i|| / ||x_i||.", "evaluation reference; spectra "
+                    "(`relative_drift`)"),
+    "displacement": Metric("ratio", "Mean ||y_i - x_i|| divided by the spread of x (RMS distance to its centroid).",
+                           "spectra (`relative_displacement`)"),
+    "knn_overlap": Metric("fraction", "Mean share of each prompt's 10 nearest neighbours kept after editing.",
+                          "REVIVE Fig. 10 (t-SNE neighbourhoods); spectra (`knn_overlap`)"),
+    "R_k_median": Metric("ratio", "Median over principal directions u_k of x of R_k = ||(y - x) u_k|| / sigma_k; "
+                         "R_k >> 1: the edits overwhelmed that direction.", "spectra (`relative_change_rate`)"),
+    "R_k_max": Metric("ratio", "Largest R_k.", "spectra (`relative_change_rate`)"),
+    "R_k_mean": Metric("ratio", "Mean R_k.", "spectra (`relative_change_rate`)"),
+    "tsne": Metric("coordinate", "A joint t-SNE point (columns x, y, phase pre/post, prompt_idx; value empty), "
+                   "with --tsne.", "REVIVE Fig. 10"),
+    # -- timing (drift) ------------------------------------------------------------------------
+    "seconds_edit": Metric("seconds", "Wall time of the round's edit (z optimisation, solves, writes).", "spectra"),
+    "seconds_observe": Metric("seconds", "Wall time of the round's measurements.", "spectra"),
+    # -- spectrum ------------------------------------------------------------------------------
+    "m": Metric("count", "Rows of the matrix (output size).", "spectra (`spectrum_table`)"),
+    "n": Metric("count", "Columns of the matrix (input size).", "spectra (`spectrum_table`)"),
+    "rank": Metric("count", "min(m, n).", "spectra (`spectrum_table`)"),
+    "k": Metric("count", "Dominant rank: fewest top singular values holding tau of sum(sigma) (tau column).",
+                "REVIVE Eq. 5"),
+    "k_over_rank": Metric("fraction", "k / rank.", "REVIVE Eq. 5, Sec. 2.2"),
+    "fro_norm": Metric("weight norm", "||W||_F.", "spectra (`Spectrum`)"),
+    # -- trace ---------------------------------------------------------------------------------
+    "trace_probability": Metric("fraction", "P(true object) with one clean block output restored at a position "
+                                "(layer column), or clean / corrupted baselines (layer empty).",
+                                "ROME causal tracing (Meng et al. 2022, Fig. 1)"),
+}
+
+
+def unit_of(metric: str) -> str:
+    """The unit of a metric name; a name missing from the glossary is a programming error, reported as one."""
+    if metric not in GLOSSARY:
+        raise KeyError(f"metric {metric!r} has no glossary entry in spectra/glossary.py; add one (and to the README)")
+    return GLOSSARY[metric].unit
+
+
+def with_units(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a ``unit`` column from their metric's glossary entry."""
+    return [{**row, "unit": unit_of(row["metric"])} for row in rows]
+
+
+def glossary_markdown() -> str:
+    """The README's glossary table, one row per metric name."""
+    lines = ["| metric | unit | definition | source |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{name}` | {m.unit} | {m.definition} | {m.source} |" for name, m in GLOSSARY.items()]
+    return "\n".join(lines)
