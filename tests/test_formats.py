@@ -181,7 +181,7 @@ def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_kno
     args = ["drift", "--model", str(model_dir), "--hparams", str(tmp_path / "memit.yaml"), "--set", "v_num_grad_steps=3",
             "--dataset", str(tmp_path / "knowedit.json"), "--stats-corpus", str(tmp_path / "corpus.txt"),
             "--tasks", "sst2", "--glue-dir", str(glue), "--items-per-task", "2", "--rounds", "1", "--batch-size", "2",
-            "--eval-records", "2", "--represent-prompts", "2", "--log-samples"]
+            "--eval-records", "2", "--represent-prompts", "2", "--log-samples", "--fluency"]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "Ignored in" in result.output and "rewrite_module_tmp" in result.output
@@ -190,7 +190,7 @@ def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_kno
     assert hparams["values"]["layers"] == [1, 2] and hparams["values"]["v_lr"] == 0.5
     assert hparams["values"]["v_num_grad_steps"] == 3 and hparams["defaults"] is None and "device" in hparams["ignored"]
     metrics = set(run.rows["metric"])
-    assert {"efficacy", "paraphrase", "neighborhood", "portability", "LS", "accuracy"} <= metrics
+    assert {"efficacy", "paraphrase", "neighborhood", "portability", "fluency", "LS", "accuracy"} <= metrics
     assert_samples_reproduce_the_edit_metrics(run)
     bare = CliRunner().invoke(app, [a for a in args if a not in ("--hparams", str(tmp_path / "memit.yaml"))])
     assert bare.exit_code == 2 and "--hparams FILE" in bare.output
@@ -211,3 +211,26 @@ def assert_samples_reproduce_the_edit_metrics(run) -> None:
         assert row["value"].tolist() == pytest.approx([value]), (arm, round_, kind)
         compared += 1
     assert compared == len(set(run.rows["arm"])) * (run.rows["round"].max() + 1) * 4
+
+
+def test_fluency_and_consistency_are_round_metrics_in_their_glossary_units() -> None:
+    """--fluency / --consistency: one row each per round, from generations seeded by round (arms comparable)."""
+    from spectra.editing.loop import Arm
+    from spectra.evaluation.consistency import fit_tfidf
+    from spectra.experiments.drift import EditMetrics, GenerationMetrics, consistency_references
+    from spectra.glossary import unit_of
+
+    model = tiny_model("llama")
+    records = [{"case_id": i, "requested_rewrite": {"prompt": "{} lives in", "subject": s, "relation_id": "P1",
+                                                     "target_new": {"str": "paris", "id": "Q1"},
+                                                     "target_true": {"str": "rome"}},
+                "paraphrase_prompts": [], "neighborhood_prompts": [], "generation_prompts": [f"{s} sees"] if i else []}
+               for i, s in enumerate(["alice", "bob"])]
+    references = {("P1", "Q1"): ["alice lives in paris near the river", "paris is a big city"]}
+    observer = GenerationMetrics(EditMetrics(records, 2, 2, seed=0), True, references, fit_tfidf(references[("P1", "Q1")]))
+    first, again = (observer(Arm("off"), 1, model).rows for _ in range(2))
+    assert first == again and [row["metric"] for row in first] == ["fluency", "consistency"]
+    assert unit_of("fluency") == "bits x 100" and 0 < first[0]["value"] and 0 <= first[1]["value"] <= 100
+    with pytest.raises(SpectraError, match="relation_id and target_new.id"):
+        consistency_references("./my-model", [{"requested_rewrite": {"prompt": "{} x", "subject": "a",
+                                                                     "target_new": {"str": "b"}}}])

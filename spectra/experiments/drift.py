@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -24,7 +24,7 @@ from spectra.editing.hparams_files import ResolvedHParams, resolve_hparams
 from spectra.editing.stats_import import ImportedStatistics, StatsFile, locate_statistics
 from spectra.editing.loop import Arm, ArmState, EditLoop, RoundRecord, arm_state
 from spectra.errors import SpectraError
-from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, prepare_counterfact
+from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, generation_rows, prepare_counterfact
 from spectra.evaluation.general import GeneralAbility, HeldoutText
 from spectra.evaluation.representations import hidden_states, joint_tsne, shift_metrics
 from spectra.evaluation.rows import aggregate
@@ -55,7 +55,7 @@ EDIT_METRIC_NAMES = {
     "rewrite_diff": "efficacy_magnitude", "paraphrase_diff": "paraphrase_magnitude",
     "neighborhood_diff": "neighborhood_magnitude", "rewrite_acc": "efficacy_acc",
     "paraphrase_acc": "paraphrase_acc", "neighborhood_acc": "neighborhood_acc", "score": "score",
-    "portability_acc": "portability",
+    "portability_acc": "portability", "ngram_entropy": "fluency", "reference_score": "consistency",
 }
 
 
@@ -78,6 +78,10 @@ class DriftConfig(CommonOptions):
     tsne: bool = False
     #: keep one row per scored prompt (samples.csv: arm, round, case_id, prompt kind, P(new), P(true), success)
     log_samples: bool = False
+    #: generation entropy of sampled continuations of the scored records' generation prompts, per round
+    fluency: bool = False
+    #: TF-IDF similarity of those generations to reference texts about the new target, per round
+    consistency: bool = False
     stats_corpus: Path | None = None
     #: the editor's hyperparameters: an EasyEdit YAML or official JSON file, or a mapping of field values (a
     #: MemitHParams given here is stored as its mapping); None: the model's defaults
@@ -249,6 +253,62 @@ def prompt_samples(rows: Sequence[dict]) -> list[dict]:
     return list(samples.values())
 
 
+class GenerationMetrics:
+    """Fluency and/or consistency of sampled generations from the records EditMetrics scores this round.
+
+    Each generation prompt of each record gets one 100-token top-5 sample (the reference's
+    ``generate_fast``); a record without generation prompts uses its edited prompt. The sampler is
+    seeded by round alone, so the arms differ only by their weights and a resumed round repeats.
+    """
+
+    def __init__(self, metrics: EditMetrics, fluency: bool, references: Mapping[tuple[str, str], Sequence[str]] | None,
+                 vectorizer: object | None) -> None:
+        self.metrics = metrics
+        self.fluency = fluency
+        self.references = references
+        self.vectorizer = vectorizer
+
+    def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord:
+        records = [record if record.get("generation_prompts") else
+                   {**record, "generation_prompts": [record["requested_rewrite"]["prompt"].format(
+                       record["requested_rewrite"]["subject"])]} for record in self.metrics.chosen(round)]
+        generator = torch.Generator().manual_seed(self.metrics.seed * 1_000_003 + round)
+        rows = generation_rows(model.model, model.tokenizer, records, generator, references=self.references,
+                               vectorizer=self.vectorizer)
+        wanted = ({"ngram_entropy"} if self.fluency else set()) | ({"reference_score"} if self.references else set())
+        values = aggregate([row for row in rows if row["metric"] in wanted])
+        context = {"arm": arm.name, "tau": arm.tau, "round": round}
+        return RoundRecord(rows=[{**context, "metric": EDIT_METRIC_NAMES[name], "value": value}
+                                 for name, value in values.items() if name in wanted])
+
+
+def consistency_references(model: str, records: Sequence[dict]) -> tuple[dict, object]:
+    """Reference texts by (relation_id, target id) and the TF-IDF vectorizer that --consistency compares with.
+
+    A tiny-world model brings its attribute snippets (the vectorizer is fitted on them, as the
+    reference's IDF files were); a real model needs attribute_snippets.json, idf.npy and
+    tfidf_vocab.json in the data directory. Records must name their relation and target ids.
+    """
+    from spectra.data.counterfact import load_attribute_snippets, load_tfidf_stats
+    from spectra.data.datasets import data_dir
+    from spectra.evaluation.consistency import fit_tfidf, tfidf_vectorizer
+
+    rewrite = records[0]["requested_rewrite"] if records else {}
+    if not (rewrite.get("relation_id") and (rewrite.get("target_new") or {}).get("id")):
+        raise SpectraError(
+            "--consistency compares generations with reference texts about the new target, found by the records' "
+            "relation_id and target_new.id, which this dataset's records lack (CounterFact and MultiCounterFact have "
+            "them). Leave out --consistency for this dataset."
+        )
+    directory = world_dir(model)
+    if directory is not None:
+        references = load_attribute_snippets(directory / WORLD_FILES["snippets"])
+        return references, fit_tfidf([text for texts in references.values() for text in texts])
+    folder = data_dir()
+    references = load_attribute_snippets(folder / "attribute_snippets.json")
+    return references, tfidf_vectorizer(*load_tfidf_stats(folder / "idf.npy", folder / "tfidf_vocab.json"))
+
+
 class GeneralAbilityObserver:
     """The general-ability probe after every round: task accuracies and, when there is held-out text, its NLL."""
 
@@ -414,6 +474,8 @@ class DriftInputs:
     corpus: Path | None
     statistics: dict[int, StatsFile] | None
     tokenizer: object
+    #: --consistency's reference texts and TF-IDF vectorizer (None without --consistency)
+    references: tuple[dict, object] | None = None
 
     @property
     def provenance(self) -> dict[str, object]:
@@ -473,7 +535,8 @@ def drift_inputs(config: DriftConfig) -> DriftInputs:
     else:
         usable_records(records[:needed] + records[len(records) - spare:] if spare else records[:needed],
                        tokenizer, dataset, skip=False)
-    return DriftInputs(records, skipped, ability, text, hparams, corpus, statistics, tokenizer)
+    references = consistency_references(config.model, records) if config.consistency else None
+    return DriftInputs(records, skipped, ability, text, hparams, corpus, statistics, tokenizer, references)
 
 
 def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str] | None = None) -> Path:
@@ -534,11 +597,15 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
                 return IdentityFilter()
             return ReviveFilter({s: ReviveProjector(spectra0[s], arm.tau) for s in loop_sites}, arm.tau, config.refresh)
 
+        edit_metrics = EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed, config.log_samples)
         observers = [
             SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds, corpus_keys),
-            EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed, config.log_samples),
+            edit_metrics,
             GeneralAbilityObserver(inputs.ability, inputs.text),
         ]
+        if config.fluency or config.consistency:
+            references, vectorizer = inputs.references or (None, None)
+            observers.append(GenerationMetrics(edit_metrics, config.fluency, references, vectorizer))
         shift = None
         held_out = held_out_prompts(records, config.represent_prompts)
         if held_out:
