@@ -79,6 +79,12 @@ SIDES = ("input", "output")
 #: What figures are written as by default; ``spectra plot --pdf`` adds PDF (a vector copy costs ~20 s per run).
 FORMATS = ("png",)
 
+#: Most lines a figure labels one by one; beyond it, sites are coloured by layer with a colour bar.
+MAX_LEGEND = 12
+
+#: Line styles of the site kinds when sites are coloured by layer.
+KIND_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 3)))
+
 
 class NoData(SpectraError):
     """The rows (or tensors) hold nothing this figure draws; ``plot_run`` skips such figures."""
@@ -338,7 +344,7 @@ def tau_sweep(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: i
                 ax.axhline(off["value"].mean(), color=off_color, ls="--", lw=1.2, label="off")
             ax.set(xlabel="tau (energy threshold)", ylabel=label, title=label)
         axes[0].legend(fontsize="small")
-        fig.suptitle("Sensitivity to the protection threshold tau")
+        _suptitle(fig, "Sensitivity to the protection threshold tau")
     return fig
 
 
@@ -369,19 +375,31 @@ def causal_trace_curve(rows: pd.DataFrame) -> Figure:
 
 
 def energy_spectrum(rows: pd.DataFrame) -> Figure:
-    """Size of the protected subspace per tau: k / rank (and k) per site, one panel per metric present."""
+    """Size of the protected subspace per tau: k / rank (and k) per site, one panel per metric present.
+
+    Up to ``MAX_LEGEND`` sites get a line colour each and a legend; more sites (every matrix of a
+    real model) are coloured by layer with a colour bar, and drawn in one line style per kind
+    (mlp.up, attn.q, ...) with a legend of the kinds.
+    """
     data = _select(rows, ENERGY_METRICS, ("tau",), "the energy spectrum")
     data = data.assign(tau=pd.to_numeric(data["tau"], errors="coerce")).dropna(subset=["tau"])
     hue = "site" if "site" in data.columns and data["site"].notna().any() else None
     sites = _ordered(data[hue].dropna().unique(), ()) if hue else [None]
-    colors = dict(zip(sites, sns.color_palette("colorblind", len(sites))))
+    by_layer = len(sites) > MAX_LEGEND
+    colors = _layer_colors(sites) if by_layer else dict(zip(sites, sns.color_palette("colorblind", len(sites))))
     panels = [m for m in ENERGY_METRICS if (data["metric"] == m).any()]
     with style():
         fig, axes = _grid(len(panels), 2, width=4.2, height=3.4)
         for ax, metric in zip(axes, panels):
-            _lines(ax, data[data["metric"] == metric], "tau", hue, "range", colors)
+            part = data[data["metric"] == metric]
+            if by_layer:
+                _lines_by_kind(ax, part, "tau", colors)
+            else:
+                _lines(ax, part, "tau", hue, "range", colors)
             ax.set(xlabel="tau (energy threshold)", ylabel=metric, title="k / rank" if metric == "k_over_rank" else "k")
-        if hue and len(sites) <= 12:
+        if by_layer:
+            _kind_legend_and_layer_bar(fig, axes, sites)
+        elif hue:
             axes[0].legend(fontsize="small")
     return fig
 
@@ -411,8 +429,56 @@ def ss_heatmaps(tensors: Mapping[str, torch.Tensor], arm: str, side: str, rounds
             ax.grid(False)
             ax.set(title=f"SS$_{{{round_}}}$", xlabel="original vector j", ylabel="edited vector i")
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="|cos|")
-        fig.suptitle(f"Singular vector similarity ({side} vectors), {arm}, {site}")
+        _suptitle(fig, f"Singular vector similarity ({side} vectors), {arm}, {site}")
     return fig
+
+
+def _site_parts(site: str) -> tuple[str, int]:
+    """(kind, layer) of a site name ``kind@layer`` (layer -1 when the name has none)."""
+    kind, _, layer = str(site).partition("@")
+    return kind, int(layer) if layer.isdigit() else -1
+
+
+def _layer_colors(sites: Sequence[str]) -> dict[str, tuple]:
+    """A viridis colour per site by its layer (first layer dark, last bright)."""
+    layers = [_site_parts(site)[1] for site in sites]
+    low, high = min(layers), max(layers)
+    cmap = matplotlib.colormaps["viridis"]
+    return {site: cmap(0.0 if high == low else (layer - low) / (high - low)) for site, layer in zip(sites, layers)}
+
+
+def _lines_by_kind(ax: Axes, data: pd.DataFrame, x: str, colors: Mapping[str, tuple]) -> None:
+    """One thin line per site, coloured by ``colors`` (by layer) and styled by its kind."""
+    kinds = sorted({_site_parts(site)[0] for site in colors})
+    for site, part in data.groupby("site", sort=False):
+        stats = part.groupby(pd.to_numeric(part[x]))["value"].mean().sort_index()
+        style_ = KIND_STYLES[kinds.index(_site_parts(site)[0]) % len(KIND_STYLES)]
+        ax.plot(stats.index, stats.values, lw=1, alpha=0.85, color=colors[site], linestyle=style_)
+
+
+def _kind_legend_and_layer_bar(fig: Figure, axes: Sequence[Axes], sites: Sequence[str]) -> None:
+    """A legend of the kinds' line styles on the first panel and one colour bar of the layers beside all panels."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    kinds = sorted({_site_parts(site)[0] for site in sites})
+    handles = [Line2D([], [], color="0.2", lw=1.2, linestyle=KIND_STYLES[i % len(KIND_STYLES)], label=kind)
+               for i, kind in enumerate(kinds)]
+    axes[0].legend(handles=handles, fontsize="small", title="kind")
+    layers = [_site_parts(site)[1] for site in sites]
+    mappable = ScalarMappable(Normalize(min(layers), max(layers)), matplotlib.colormaps["viridis"])
+    bar = fig.colorbar(mappable, ax=list(axes), shrink=0.9, label="layer")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """A figure title wrapped to the figure's width, so that a narrow figure (one SS panel) never clips it."""
+    import textwrap
+
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.62 * matplotlib.rcParams["font.size"] * 1.2)))
+    fig.suptitle(textwrap.fill(text, chars))
 
 
 def plot_run(run_dir: Path, ss_rounds: int = 10, formats: Sequence[str] = FORMATS) -> list[Path]:
@@ -518,7 +584,7 @@ def _panels_by_round(panels: list[tuple[str, pd.DataFrame]], ncols: int, spread:
             ax.set(xlabel="round", ylabel=ylabel or name, title=name)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0].legend(fontsize="small")
-        fig.suptitle(title)
+        _suptitle(fig, title)
     return fig
 
 

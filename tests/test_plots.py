@@ -1,4 +1,4 @@
-"""Figures from tidy rows: each function draws the expected panels and lines, saves PNG+PDF; plot_run redraws a run."""
+"""Figures from tidy rows: the expected panels and lines, nothing clipped, PNG (PDF on request); plot_run redraws a run."""
 
 from __future__ import annotations
 
@@ -209,3 +209,46 @@ def test_plot_run_redraws_every_supported_figure(tmp_path: Path) -> None:
                      "energy_spectrum", "ss_right_off_mlp.down-2"}
     assert len(written) == len(names) and all(p.suffix == ".png" and p.parent == writer.path / "figures" and p.exists()
                                               for p in written)
+
+
+def _clipped_texts(fig: Figure) -> list[str]:
+    """Every title, axis label and legend text of a drawn figure that reaches beyond its edges."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig.bbox
+    renderer = canvas.get_renderer()
+    texts = [fig._suptitle] if fig._suptitle is not None else []
+    for ax in fig.axes:
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        texts += ax.get_legend().get_texts() if ax.get_legend() is not None else []
+    outside = []
+    for text in texts:
+        if not (text.get_visible() and text.get_text().strip()):
+            continue
+        extent = text.get_window_extent(renderer)
+        if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1 or extent.y1 > box.y1 + 1:
+            outside.append(text.get_text())
+    return outside
+
+
+def many_site_energy_rows() -> pd.DataFrame:
+    """A real model's spectrum run: seven kinds in each of six layers, 42 lines per panel."""
+    kinds = ("mlp.up", "mlp.gate", "mlp.down", "attn.q", "attn.k", "attn.v", "attn.o")
+    return _frame([{"tau": tau, "site": f"{kind}@{layer}", "metric": m, "value": tau * (1 + layer / 10)}
+                   for tau, kind, layer, m in itertools.product((0.1, 0.5), kinds, range(6), ("k", "k_over_rank"))])
+
+
+def test_many_sites_are_coloured_by_layer_with_a_kind_legend_and_no_title_is_clipped() -> None:
+    fig = plots.energy_spectrum(many_site_energy_rows())
+    axes = _data_axes(fig)
+    assert [len(ax.get_lines()) for ax in axes] == [42, 42]
+    legend = axes[0].get_legend()
+    assert legend is not None and len(legend.get_texts()) == 7, "one legend entry per kind, not per site"
+    assert any(ax.get_label() == "<colorbar>" and ax.get_ylabel() == "layer" for ax in fig.axes)
+    one_round = plots.ss_heatmaps(ss_tensors(), "off", "right", [2], "mlp.down@2")
+    figures = {"energy (42 sites)": fig, "ss (one round)": one_round, "ss": plots.ss_heatmaps(ss_tensors(), "off", "right", [0, 2, 4], "mlp.down@2"),
+               "drift overview": plots.edit_metrics_by_round(drift_rows()), "tau sweep": plots.energy_spectrum(energy_rows())}
+    for name, figure in figures.items():
+        assert _clipped_texts(figure) == [], name
