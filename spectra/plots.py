@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from spectra.errors import SpectraError
-from spectra.results import load_run, parse_ss_key, ss_key
+from spectra.results import Run, load_run, parse_ss_key, ss_key
 
 #: Edit-success metrics, in panel order (CounterFact and ZsRE names; "score" is their harmonic mean), 0-100 scale.
 EDIT_METRICS = (
@@ -431,6 +431,32 @@ def ss_heatmaps(tensors: Mapping[str, torch.Tensor], arm: str, side: str, rounds
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="|cos|")
         _suptitle(fig, f"Singular vector similarity ({side} vectors), {arm}, {site}")
     return fig
+
+
+def ss_heatmap(run: Run, arm: str = "off", side: str = "right", site: str | None = None,
+               rounds: Sequence[int] | None = None, max_panels: int = 10) -> Figure:
+    """The SS heatmaps of one arm of a drift run, straight from the run (``spectra.load_run(DIR)``).
+
+    ``site`` defaults to the site whose LS fell furthest in the ``off`` arm (the edited matrix that
+    drifted most; the first stored site without LS rows); ``rounds`` to at most ``max_panels``
+    evenly spaced stored rounds after round 0 (round 0 compares W_0 with itself).
+    """
+    stored = run.ss_index()
+    if stored.empty:
+        raise NoData(f"The run {run.path} holds no SS matrices; they are written by `spectra drift`.")
+    if site is None:
+        sites = set(stored["site"])
+        rows = run.rows
+        ls_rows = rows[(rows["metric"] == "LS") & (rows["arm"] == "off") & rows["site"].isin(sites)] \
+            if {"arm", "site"} <= set(rows.columns) else rows.iloc[:0]
+        site = (str(ls_rows.sort_values("round").groupby("site")["value"].last().idxmin()) if len(ls_rows)
+                else sorted(sites)[0])
+    if rounds is None:
+        available = run.ss_rounds(arm, side, site)
+        later = [r for r in available if r > 0] or available
+        picks = np.unique(np.linspace(0, len(later) - 1, min(max_panels, len(later))).round().astype(int)) if later else []
+        rounds = [later[i] for i in picks]
+    return ss_heatmaps({ss_key(side, arm, r, site): run.ss(arm, side, r, site) for r in rounds}, arm, side, list(rounds), site)
 
 
 def _site_parts(site: str) -> tuple[str, int]:

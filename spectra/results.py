@@ -910,6 +910,38 @@ class Run:
     def figures_dir(self) -> Path:
         return self.path / FIGURES_DIR
 
+    def rounds(self, arm: str | None = None) -> list[int]:
+        """The rounds the run's rows cover (of one arm when given), ascending; empty for a run without rounds."""
+        rows = self.rows if arm is None or "arm" not in self.rows else self.rows[self.rows["arm"] == arm]
+        if "round" not in rows:
+            return []
+        return sorted(int(r) for r in rows["round"].dropna().unique())
+
+    def ss_index(self) -> pd.DataFrame:
+        """One row per stored SS matrix: side, arm, round, site (the tensor names parsed)."""
+        return pd.DataFrame(list(filter(None, map(parse_ss_key, self.tensors))), columns=["side", "arm", "round", "site"])
+
+    def ss_rounds(self, arm: str, side: str = "right", site: str | None = None) -> list[int]:
+        """The rounds whose SS matrices the run stored for ``arm`` and ``side`` (and ``site``), ascending."""
+        index = self.ss_index()
+        chosen = index[(index["arm"] == arm) & (index["side"] == side)]
+        if site is not None:
+            chosen = chosen[chosen["site"] == site]
+        return sorted(int(r) for r in chosen["round"].unique())
+
+    def ss(self, arm: str, side: str, round: int, site: str) -> torch.Tensor:
+        """The stored SS matrix (k x r) of ``site`` after ``round`` in ``arm``; a missing one names those stored."""
+        key = ss_key(side, arm, round, site)
+        if key not in self.tensors:
+            index = self.ss_index()
+            raise SpectraError(
+                f"The run {self.path} stored no SS matrix for arm {arm!r}, side {side!r}, round {round}, site {site!r}. "
+                f"It has arms {sorted(set(index['arm'])) or 'none'}, sites {sorted(set(index['site'])) or 'none'} and, "
+                f"for this arm and side, rounds {self.ss_rounds(arm, side) or 'none'} (drift stores every --ss-every "
+                "rounds and the last)."
+            )
+        return self.tensors[key]
+
     def table(self, name: str) -> pd.DataFrame:
         """The extra table ``name`` (``samples``: one row per scored prompt, written by ``--log-samples``)."""
         if name not in self.tables:

@@ -94,14 +94,16 @@ def test_every_notebook_is_committed_without_outputs_and_tested():
 
 
 @pytest.mark.slow
-def test_ss_heatmaps_draws_both_arms_and_sides(notebook_env):
+def test_ss_heatmaps_is_the_three_line_recipe_and_draws_both_arms(notebook_env):
     nb = execute("ss_heatmaps.ipynb", notebook_env, checks="""
-assert arms == ["off", "revive"] and ss_rounds == [1, 2], (arms, ss_rounds)
-residual = protected[protected["metric"] == "protected_triplet_residual"].groupby("arm")["value"].max()
+assert run.ss_rounds("off") == run.ss_rounds("revive") == [0, 1, 2], run.ss_rounds("off")
+residual = run.rows[run.rows["metric"] == "protected_triplet_residual"].groupby("arm")["value"].max()
 assert residual["revive"] < 1e-4 < residual["off"], residual
-assert set(protected["side"]) == {"left", "right", "both"}
 """)
-    assert figures(nb) == 5  # LS, then SS of two arms for each of two sides
+    recipe = next(cell.source for cell in nb.cells if "spectra.load_run" in cell.source)
+    assert recipe.splitlines() == ["import spectra", "run = spectra.load_run(RUN)",
+                                   'spectra.plots.ss_heatmap(run, arm="off")']
+    assert figures(nb) == 2  # the off arm, then REVIVE, for the same site and rounds
 
 
 @pytest.mark.slow

@@ -252,3 +252,20 @@ def test_many_sites_are_coloured_by_layer_with_a_kind_legend_and_no_title_is_cli
                "drift overview": plots.edit_metrics_by_round(drift_rows()), "tau sweep": plots.energy_spectrum(energy_rows())}
     for name, figure in figures.items():
         assert _clipped_texts(figure) == [], name
+
+
+def test_a_run_gives_its_rounds_and_ss_matrices_and_draws_them_in_one_call(tmp_path: Path) -> None:
+    """spectra.load_run(DIR).ss(...) / .rounds() and spectra.plots.ss_heatmap(run): no tensor names to parse."""
+    import spectra
+    from spectra.errors import SpectraError
+
+    with create_run("drift", {"seed": 0}, root=tmp_path) as writer:
+        writer.add_rows(drift_rows())
+        writer.add_tensors(ss_tensors())
+    run = spectra.load_run(writer.path)
+    assert run.rounds() == [0, 1, 2, 3] and run.ss_rounds("off", "right") == [0, 2, 4, 6, 8, 10]
+    assert tuple(run.ss("off", "right", 4, "mlp.down@2").shape) == (4, 40)
+    with pytest.raises(SpectraError, match=r"rounds \[0, 2, 4, 6, 8, 10\]"):
+        run.ss("off", "right", 3, "mlp.down@2")
+    fig = spectra.plots.ss_heatmap(run, arm="off", max_panels=3)
+    assert [ax.get_title() for ax in _data_axes(fig)] == ["SS$_{2}$", "SS$_{6}$", "SS$_{10}$"], "round 0 is left out"
