@@ -149,7 +149,11 @@ def main() -> None:
 # -- option helpers ------------------------------------------------------------------------------
 MODEL = typer.Option("tiny", "--model", help="Model alias (spectra models), local directory or cached hub id.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-DTYPE = typer.Option("float32", "--dtype", help="Model dtype: float32, float16 or bfloat16 (solves and SVDs stay fp32).")
+DTYPE = typer.Option("float32", "--dtype", help="Model dtype: float32, float16, bfloat16 or auto (the checkpoint's own "
+                     "dtype); solves and SVDs stay float32 or better.")
+DEVICE_MAP = typer.Option(None, "--device-map", help="auto: spread a model larger than one GPU over all devices "
+                          "through accelerate (an optional dependency: pip install 'spectra[large]'); the edited "
+                          "sites' keys and solves still go to the first device. Replaces --device.")
 SEED = typer.Option(0, "--seed", help="Seed of every random choice (generators are passed explicitly).")
 OUT = typer.Option(None, "--out", help="Run directory to write [default: runs/<time>-<command>].")
 ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Let transformers download a model missing from the cache.")
@@ -189,6 +193,7 @@ def spectrum(
     svd_dtype: str = typer.Option("float32", help="SVD precision: float32 or float64."),
     fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
 ) -> None:
     """Per site: shape, k and k/rank per tau, spectral norm, condition number, effective rank."""
     import pandas as pd
@@ -197,7 +202,7 @@ def spectrum(
 
     check_format(fmt)
     config = SpectrumConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                            sites=sites, taus=_floats(taus, "--taus"), svd_dtype=svd_dtype)
+                            device_map=device_map, sites=sites, taus=_floats(taus, "--taus"), svd_dtype=svd_dtype)
     path, rows = run_spectrum(config)
     by_site: dict[str, dict] = {}
     for row in rows:
@@ -223,13 +228,14 @@ def concentration(
     fractions: str = typer.Option("5,10,20,30,40,50,60,70,80,90,100", help="Percent of singular-value energy kept, each in (0, 100]."),
     tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
 ) -> None:
     """Reconstruct the sites from their top-n % energy and measure general ability (paper Fig. 2a)."""
     from spectra.experiments.probes import ConcentrationConfig, run_concentration
 
     check_format(fmt)
     config = ConcentrationConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                                 sites=sites, fractions=_floats(fractions, "--fractions"),
+                                 device_map=device_map, sites=sites, fractions=_floats(fractions, "--fractions"),
                                  general=_general(tasks, items_per_task, glue_dir))
     path = run_concentration(config)
     _summarise(path, ["fraction", "task"], "accuracy", fmt)
@@ -245,13 +251,15 @@ def sensitivity(
     seeds: int = typer.Option(3, help="Random perturbations per group."),
     tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
 ) -> None:
     """Perturb each energy group (0-10 %, ..., 90-100 %) and measure general ability (paper Fig. 2b, 11)."""
     from spectra.experiments.probes import SensitivityConfig, run_sensitivity
 
     check_format(fmt)
     config = SensitivityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                               sites=sites, side=side, eps=eps, eps_absolute=eps_absolute, seeds=seeds,
+                               device_map=device_map, sites=sites, side=side, eps=eps, eps_absolute=eps_absolute,
+                               seeds=seeds,
                                general=_general(tasks, items_per_task, glue_dir))
     path = run_sensitivity(config)
     _summarise(path, ["side", "group"], "accuracy", fmt, task="mean")
@@ -267,13 +275,14 @@ def trace(
     noise: float = typer.Option(3.0, help="Noise on the subject's embeddings, in stds of the embedding matrix."),
     skip_bad_records: bool = SKIP_BAD, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
 ) -> None:
     """Causal trace (ROME): which blocks hold facts at the subject's last token, and where they are read out."""
     from spectra.experiments.probes import TraceConfig, run_trace
 
     check_format(fmt)
     config = TraceConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                         dataset=dataset, facts=facts, noise=noise, skip_bad_records=skip_bad_records)
+                         device_map=device_map, dataset=dataset, facts=facts, noise=noise, skip_bad_records=skip_bad_records)
     path = run_trace(config)
     from spectra.results import load_run
 
@@ -311,11 +320,11 @@ def drift(
     represent_prompts: int = typer.Option(200, help="Held-out factual prompts for representation shift (0 = off)."),
     tsne: bool = typer.Option(False, "--tsne", help="Add a joint t-SNE of the last round against the original states."),
     fluency: bool = typer.Option(False, "--fluency", help="Also measure fluency each round: the generation entropy of "
-                                 "one 100-token top-5 sample per generation prompt of the scored records (CounterFact: 4 "
-                                 "per record; the edited prompt where a dataset has none). Costs about one 100-token "
-                                 "generation per prompt per round: on the tiny model 43 s a round at the default 200 scored records on one CPU "
-                                 "thread (a round's edit and other measurements take about 12 s), 29 min over the "
-                                 "default 20 rounds x 2 arms."),
+                                 "one 100-token top-5 sample per generation prompt of the scored records (CounterFact: "
+                                 "4 per record; the edited prompt where a dataset has none). Cost: one 100-token "
+                                 "generation per prompt per round; on the tiny model 43 s a round at the default 200 "
+                                 "scored records on one CPU thread (a round's edit and other measurements take about "
+                                 "12 s), 29 min over the default 20 rounds x 2 arms."),
     consistency: bool = typer.Option(False, "--consistency", help="Also measure consistency each round: TF-IDF cosine "
                                      "of those generations with reference texts about the new target (attribute "
                                      "snippets; the data directory's idf.npy and tfidf_vocab.json for real models). "
@@ -338,13 +347,15 @@ def drift(
                                 "checkpoint, a finished one with a larger --rounds. Its options come from its "
                                 "config.json; options given as well must match them."),
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
 ) -> None:
     """Edit round after round with REVIVE on and off; track LS, SS, norms, edit metrics and general ability."""
     from spectra.experiments.drift import OPTION_NAMES, DriftConfig, run_drift
 
     check_format(fmt)
     config = DriftConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                         editor=editor, rounds=rounds, batch_size=batch_size, revive=revive, tau=_floats(tau, "--tau"),
+                         device_map=device_map, editor=editor, rounds=rounds, batch_size=batch_size, revive=revive,
+                         tau=_floats(tau, "--tau"),
                          dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
                          ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
                          log_samples=log_samples, fluency=fluency, consistency=consistency,

@@ -248,8 +248,9 @@ def test_many_sites_are_coloured_by_layer_with_a_kind_legend_and_no_title_is_cli
     assert legend is not None and len(legend.get_texts()) == 7, "one legend entry per kind, not per site"
     assert any(ax.get_label() == "<colorbar>" and ax.get_ylabel() == "layer" for ax in fig.axes)
     one_round = plots.ss_heatmaps(ss_tensors(), "off", "right", [2], "mlp.down@2")
-    figures = {"energy (42 sites)": fig, "ss (one round)": one_round, "ss": plots.ss_heatmaps(ss_tensors(), "off", "right", [0, 2, 4], "mlp.down@2"),
-               "drift overview": plots.edit_metrics_by_round(drift_rows()), "tau sweep": plots.energy_spectrum(energy_rows())}
+    figures = {"energy (42 sites)": fig, "ss (one round)": one_round,
+               "ss": plots.ss_heatmaps(ss_tensors(), "off", "right", [0, 2, 4], "mlp.down@2"),
+               "edit metrics": plots.edit_metrics_by_round(drift_rows()), "energy": plots.energy_spectrum(energy_rows())}
     for name, figure in figures.items():
         assert _clipped_texts(figure) == [], name
 

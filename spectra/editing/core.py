@@ -363,10 +363,12 @@ def _z_loss(
     bare = torch.tensor([i for i, r in enumerate(chunk) if rows.is_bare[r]], dtype=torch.long, device=device)
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+        # The z layer may live on another device than the first one (--device-map): index it where it is.
+        rows, cols, kept = at.to(hidden.device), pos.to(hidden.device), bare.to(hidden.device)
         if first:
-            h0[owners[bare]] = hidden[at[bare], pos[bare]].detach().float()
+            h0[owners[bare]] = hidden[rows[kept], cols[kept]].detach().float().to(h0.device)
         hidden = hidden.clone()
-        hidden[at, pos] = hidden[at, pos] + delta[owners].to(hidden.dtype)
+        hidden[rows, cols] = hidden[rows, cols] + delta[owners].to(hidden.device, hidden.dtype)
         return hidden
 
     with ExitStack() as stack:

@@ -36,6 +36,8 @@ class CommonOptions:
     seed: int = 0
     out: Path | None = None
     allow_download: bool = False
+    #: spread the model over every device through accelerate ("auto"); None: all of it on ``device``
+    device_map: str | None = None
 
 
 @dataclass
@@ -86,7 +88,7 @@ def open_model(options: CommonOptions, tokenizer: object | None = None) -> Loade
     """Load the model of ``options`` (with ``tokenizer`` when already loaded) and seed torch for what follows."""
     torch.manual_seed(options.seed)
     return load_model(options.model, device=options.device, dtype=options.dtype, allow_download=options.allow_download,
-                      tokenizer=tokenizer)
+                      tokenizer=tokenizer, device_map=options.device_map)
 
 
 def choose_sites(model: LoadedModel, spec: str | None, default_kinds: tuple[str, ...] = ("mlp.down",)) -> list[Site]:

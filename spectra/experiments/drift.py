@@ -33,7 +33,9 @@ from spectra.experiments.common import (
     LISTED_RECORDS, CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, defaults_key, general_ability,
     heldout_text, open_model, usable_records, world_dir,
 )
-from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer, model_width
+from spectra.models.loading import (
+    LoadedModel, check_device_map, check_model_source, load_tokenizer, model_width, resolve_dtype,
+)
 from spectra.models.sites import Site
 from spectra.glossary import with_units
 from spectra.models.tiny import WORLD_FILES
@@ -495,6 +497,8 @@ def drift_inputs(config: DriftConfig) -> DriftInputs:
     Resolves ``config.batch_size`` from the model's width (config.json records the value used).
     """
     check_model_source(config.model)
+    check_device_map(config.device_map)
+    resolve_dtype(config.dtype)
     defaults, corpus = editor_defaults(config.model, config)
     hparams = drift_hparams(config, defaults)
     statistics = None

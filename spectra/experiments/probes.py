@@ -24,7 +24,7 @@ from spectra.experiments.common import (
     CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, default_dataset, general_ability,
     open_model, usable_records,
 )
-from spectra.models.loading import LoadedModel, check_model_source, load_tokenizer
+from spectra.models.loading import LoadedModel, check_device_map, check_model_source, load_tokenizer, resolve_dtype
 from spectra.models.sites import Site
 from spectra.glossary import with_units
 from spectra.results import RunWriter, check_run_target, create_run
@@ -244,8 +244,10 @@ def run_trace(config: TraceConfig) -> Path:
 
 
 def check_inputs(config: CommonOptions) -> None:
-    """What every probe checks before its model loads: the model's files and the run directory."""
+    """What every probe checks before its model loads: the model's files, its placement and the run directory."""
     check_model_source(config.model)
+    check_device_map(config.device_map)
+    resolve_dtype(config.dtype)
     check_run_target(config.out)
 
 

@@ -19,12 +19,17 @@ class StopForward(Exception):
 
 @contextmanager
 def capture_inputs(model: LoadedModel, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the input of each layer's key module (the MEMIT key), keyed by layer."""
+    """Record the input of each layer's key module (the MEMIT key), keyed by layer, on the model's first device.
+
+    A model spread over devices (``--device-map auto``) computes each layer where it lives; its
+    keys are gathered on one device, where the editors' solves run.
+    """
     captured: dict[int, torch.Tensor] = {}
     handles = []
+    device = model.device
     for layer in layers:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], layer: int = layer) -> None:
-            captured[layer] = args[0].detach()
+            captured[layer] = args[0].detach().to(device)
         handles.append(model.adapter.key_module(layer).register_forward_pre_hook(hook))
     try:
         yield captured
@@ -45,11 +50,12 @@ def _forward_hook(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator
 
 @contextmanager
 def capture_hidden(model: LoadedModel, layer: int) -> Iterator[dict[int, torch.Tensor]]:
-    """Record block ``layer``'s hidden-state output (tuple or bare tensor, by version)."""
+    """Record block ``layer``'s hidden-state output (tuple or bare tensor, by version), on the model's first device."""
     captured: dict[int, torch.Tensor] = {}
+    device = model.device
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        captured[layer] = model.adapter.hidden_of(output).detach()
+        captured[layer] = model.adapter.hidden_of(output).detach().to(device)
 
     with _forward_hook(model.adapter.block(layer), hook):
         yield captured

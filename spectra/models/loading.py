@@ -26,6 +26,36 @@ ALIASES: dict[str, str] = {
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: ``--dtype auto``: the dtype the checkpoint was saved in (transformers reads it from the weights or config.json).
+AUTO_DTYPE = "auto"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What a model needs: its parameter count and the dtype its published checkpoint is stored in."""
+
+    parameters: float
+    checkpoint_dtype: str
+
+    def describe(self) -> str:
+        """Disk and memory needs in words, per dtype spectra can load it in."""
+        def gb(bytes_per_parameter: int) -> str:
+            return f"{self.parameters * bytes_per_parameter / 1e9:.1f} GB"
+
+        disk = gb(4 if self.checkpoint_dtype == "float32" else 2)
+        return (f"{self.parameters / 1e9:.2f} B parameters: about {disk} on disk ({self.checkpoint_dtype} checkpoint); "
+                f"in memory {gb(4)} as float32, {gb(2)} as float16 or bfloat16 (--dtype), plus activations and the key "
+                "statistics of the edited layers")
+
+
+#: Sizes of the aliased models (parameter counts from their model cards).
+MODEL_SIZES: dict[str, ModelSize] = {
+    "gpt2": ModelSize(124e6, "float32"),
+    "gpt2-xl": ModelSize(1.56e9, "float32"),
+    "gpt-j": ModelSize(6.05e9, "float32"),
+    "llama3": ModelSize(8.03e9, "bfloat16"),
+}
+
 
 @dataclass
 class LoadedModel:
@@ -61,11 +91,27 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """Map a dtype name to torch; unknown names are a clear error."""
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """Map a dtype name to torch (``auto`` stays "auto": the checkpoint's own dtype); unknown names are a clear error."""
+    if dtype == AUTO_DTYPE:
+        return AUTO_DTYPE
     if dtype not in DTYPES:
-        raise SpectraError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+        raise SpectraError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or auto (the checkpoint's dtype).")
     return DTYPES[dtype]
+
+
+def check_device_map(device_map: str | None) -> None:
+    """``--device-map`` spreads a model over the available devices through accelerate, an optional dependency."""
+    if device_map is None:
+        return
+    from importlib.util import find_spec
+
+    if find_spec("accelerate") is None:
+        raise SpectraError(
+            f"--device-map {device_map} places the model's layers over several devices through the accelerate "
+            "package, which is not installed (it is optional). Install it with `pip install 'spectra[large]'` (or "
+            "`pip install accelerate`), or leave --device-map out to load the model on one --device."
+        )
 
 
 def resolve_source(name: str) -> str:
@@ -199,23 +245,29 @@ def load_tokenizer(name: str = "tiny", allow_download: bool = False) -> object:
 
 def load_model(
     name: str = "tiny", device: str = "auto", dtype: str = "float32", allow_download: bool = False,
-    tokenizer: object | None = None,
+    tokenizer: object | None = None, device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM (or BERT) with its tokenizer and adapter, from the local cache by default.
 
-    Files are checked before loading and every weight after it: NaN or inf anywhere is an error
-    that names the parameter, before any measurement could use it.
+    ``dtype="auto"`` keeps the checkpoint's dtype; ``device_map`` (e.g. "auto", through accelerate)
+    spreads a model too large for one device over all of them, and ``device`` is then ignored:
+    activations move between devices inside the forward pass, and the editors gather keys and
+    solve on the first device. Files are checked before loading and every weight after it: NaN or
+    inf anywhere is an error that names the parameter, before any measurement could use it.
     """
     from transformers import AutoModelForCausalLM
 
+    check_device_map(device_map)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     source = resolve_source(name)
     check_model_source(name)
     if tokenizer is None:
         tokenizer = load_tokenizer(name, allow_download)
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=not allow_download)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=not allow_download,
+                                                     **placement)
     except OSError as err:
         if Path(source).is_dir():
             raise SpectraError(f"Cannot read the model in {source} ({err}). Check that its files are readable and "
@@ -226,7 +278,9 @@ def load_model(
             f"Loading the weights of {source} failed ({type(err).__name__}: {err}). The files are probably damaged or "
             "do not match its config.json; copy or download the model again."
         ) from err
-    model.to(torch_device).eval()
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
     model.requires_grad_(False)
     adapter = adapter_for(model)
     check_finite(model, adapter, source)
@@ -290,12 +344,20 @@ def model_width(name: str, allow_download: bool = False) -> int:
     return int(config.hidden_size)
 
 
+def model_size(name: str) -> ModelSize | None:
+    """The size of an aliased model (by alias or the hub id it resolves to), else None."""
+    source = resolve_source(name)
+    return next((size for alias, size in MODEL_SIZES.items() if resolve_source(alias) == source), None)
+
+
 def _not_cached(name: str, source: str) -> SpectraError:
-    """The one message for a model that is not available offline."""
+    """The one message for a model that is not available offline: what it needs and the command that fetches it."""
+    size = model_size(name)
+    needs = f" It has {size.describe()}." if size is not None else ""
     return SpectraError(
         f"The model {name!r} ({source}) is not in the local Hugging Face cache "
-        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it once with "
-        f"`huggingface-cli download {source}` on a machine with network access (gated models such as "
-        "Llama 3 need an accepted licence and a token), point --model at a local directory, or pass "
-        "--allow-download to let spectra fetch it."
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}).{needs} Download it once with "
+        f"`hf download {source}` on a machine with network access (gated models such as Llama 3 need an accepted "
+        "licence and `hf auth login`), point --model at a local directory, or pass --allow-download to let spectra "
+        "fetch it."
     )
