@@ -157,7 +157,7 @@ def knowedit_records(subjects: list[str], objects: list[str]) -> list[dict]:
 
 
 def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_knowedit_data(tmp_path) -> None:
-    """`spectra drift --model DIR --hparams memit.yaml --dataset knowedit.json` on a model spectra has no defaults for."""
+    """`spectra drift --model DIR --hparams memit.yaml --dataset knowedit.json --stats DIR`: no spectra defaults needed."""
     import json
 
     from test_editing_support import OBJECTS, SUBJECTS
@@ -172,14 +172,18 @@ def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_kno
     model.tokenizer.save_pretrained(model_dir)
     (tmp_path / "memit.yaml").write_text(EASYEDIT_YAML)
     (tmp_path / "knowedit.json").write_text(json.dumps(knowedit_records(SUBJECTS, OBJECTS)))
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus()) + "\n")
+    sums, tokens = accumulate_second_moments(model, [1, 2], corpus(), 32, 64, progress=False)
+    stats = tmp_path / "stats" / "my-model" / "wikipedia_stats"
+    stats.mkdir(parents=True)
+    for layer, total in sums.items():  # the official layer_stats layout, as EasyEdit users have them
+        _layer_stats_npz(stats / f"model.layers.{layer}.mlp.down_proj_float32_mom2_100000.npz", total.numpy(), tokens)
     glue = tmp_path / "glue"
     glue.mkdir()
     (glue / "sst2.jsonl").write_text("\n".join(json.dumps({"sentence": f"{s} likes {o}", "label": i % 2})
                                                for i, (s, o) in enumerate(zip(SUBJECTS, OBJECTS))) + "\n")
     out = tmp_path / "run"
     args = ["drift", "--model", str(model_dir), "--hparams", str(tmp_path / "memit.yaml"), "--set", "v_num_grad_steps=3",
-            "--dataset", str(tmp_path / "knowedit.json"), "--stats-corpus", str(tmp_path / "corpus.txt"),
+            "--dataset", str(tmp_path / "knowedit.json"), "--stats", str(tmp_path / "stats"),
             "--tasks", "sst2", "--glue-dir", str(glue), "--items-per-task", "2", "--rounds", "1", "--batch-size", "2",
             "--eval-records", "2", "--represent-prompts", "2", "--log-samples", "--fluency"]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
@@ -189,6 +193,7 @@ def test_a_random_init_model_in_a_directory_drifts_with_easyedit_hparams_and_kno
     hparams = run.provenance["hparams"]
     assert hparams["values"]["layers"] == [1, 2] and hparams["values"]["v_lr"] == 0.5
     assert hparams["values"]["v_num_grad_steps"] == 3 and hparams["defaults"] is None and "device" in hparams["ignored"]
+    assert {layer: entry["tokens"] for layer, entry in run.provenance["statistics"].items()} == {"1": tokens, "2": tokens}
     metrics = set(run.rows["metric"])
     assert {"efficacy", "paraphrase", "neighborhood", "portability", "fluency", "LS", "accuracy"} <= metrics
     assert_samples_reproduce_the_edit_metrics(run)
@@ -234,3 +239,54 @@ def test_fluency_and_consistency_are_round_metrics_in_their_glossary_units() -> 
     with pytest.raises(SpectraError, match="relation_id and target_new.id"):
         consistency_references("./my-model", [{"requested_rewrite": {"prompt": "{} x", "subject": "a",
                                                                      "target_new": {"str": "b"}}}])
+
+
+def test_easyedit_counterfact_style_and_zsre_portability_convert_to_the_shared_shape(tmp_path) -> None:
+    import json
+
+    from spectra.data.datasets import resolve_dataset
+
+    flat = [{"case_id": 7, "prompt": "alice lives in", "subject": "alice", "target_new": "paris", "ground_truth": "rome",
+             "rephrase_prompt": "the alice lives in", "locality_prompt": "bob lives in", "locality_ground_truth": "rome"}]
+    (tmp_path / "cf.json").write_text(json.dumps(flat))
+    kind, (record,) = resolve_dataset(str(tmp_path / "cf.json"))
+    assert kind == "easyedit" and record["case_id"] == 7 and record["requested_rewrite"]["prompt"] == "{} lives in"
+    assert record["neighborhood_prompts"] == [{"prompt": "bob lives in", "target": "rome"}]
+    assert record["paraphrase_prompts"] == ["the alice lives in"] and record["portability_prompts"] == []
+    zsre = [{"subject": "alice", "src": "where does alice live?", "answers": ["rome"], "rephrase": "alice lives where?",
+             "alt": "paris", "loc": "nq question: who is bob", "loc_ans": "a man",
+             "portability": {"New Question": "which city does alice see?", "New Answer": "rome"}}]
+    (tmp_path / "zsre.json").write_text(json.dumps(zsre))
+    _, (converted,) = resolve_dataset(str(tmp_path / "zsre.json"))
+    assert converted["portability_prompts"] == [{"prompt": "which city does alice see?", "target": "rome"}]
+    (tmp_path / "bad.json").write_text(json.dumps([{**flat[0], "prompt": "he lives in"}]))
+    with pytest.raises(SpectraError, match="does not contain the subject 'alice'"):
+        resolve_dataset(str(tmp_path / "bad.json"))
+
+
+def test_hparams_reach_drift_through_the_python_api_and_a_changed_file_cannot_resume(tmp_path) -> None:
+    from spectra.experiments.drift import DriftConfig, check_same_hparams, drift_hparams
+    from spectra.results import create_run
+
+    config = DriftConfig(model="./my-model", hparams=MemitHParams(**SMALL), hparams_set=["v_lr=0.125"], seed=4)
+    resolved = drift_hparams(config, defaults=None)
+    assert resolved.hparams.layers == (1, 2) and resolved.hparams.v_lr == 0.125 and resolved.hparams.seed == 4
+    writer = create_run("drift", config, out=tmp_path / "run", provenance={"hparams": resolved.provenance()})
+    writer.checkpoint(0)
+    writer.close()
+    check_same_hparams(tmp_path / "run", resolved)
+    changed = drift_hparams(DriftConfig(model="./my-model", hparams=MemitHParams(**SMALL), seed=4), defaults=None)
+    with pytest.raises(SpectraError, match="v_lr"):
+        check_same_hparams(tmp_path / "run", changed)
+
+
+def test_spectra_data_shows_every_format_with_an_example() -> None:
+    from typer.testing import CliRunner
+
+    from spectra.data.datasets import FORMATS
+    from spectra_cli.main import app
+
+    result = CliRunner().invoke(app, ["data"])
+    assert result.exit_code == 0, result.output
+    for kind, title, example in FORMATS:
+        assert title in result.output and example in result.output and len(example.splitlines()) == 3
