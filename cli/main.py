@@ -307,8 +307,9 @@ def drift(
                                    "paper's 100 edits on Llama-3-8B's 4,096 scaled: 6 on tiny, 100 on 4,096-wide models]."),
     revive: str = typer.Option("both", help="on, off or both (two arms over identical requests)."),
     tau: str = typer.Option("0.1", help="REVIVE energy threshold(s) in (0, 1); several (0.05,0.1,...) run a tau sweep."),
-    dataset: str = typer.Option("auto", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path [default: tiny for "
-                                "the tiny model, else counterfact]."),
+    dataset: str = typer.Option("auto", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path to CounterFact, zsRE "
+                                "or EasyEdit/KnowEdit JSON (detected by its fields; `spectra data` shows each) "
+                                "[default: tiny for the tiny model, else counterfact]."),
     refresh: str = typer.Option("original", help="REVIVE basis: from the original weights, or rebuilt from the current ones each round."),
     placement: str = typer.Option(None, help="Where REVIVE acts on the key side: after (the paper's post-hoc "
                                             "filter) or in_solve (spectra's extension: solve on the complement of V_k, "

@@ -16,7 +16,7 @@ A run is written into the sibling ``<name>.partial/`` and renamed into place by
 
 - **One writer.** The partial directory holds ``.lock``, locked with ``flock`` by the writing
   process (the kernel releases it when the process dies, even by SIGKILL); a second writer is
-  refused with a message naming the live process.
+  refused with a message naming the live process (``spectra.runlock``).
 - **Checkpoints that can be trusted.** ``RunWriter.checkpoint()`` writes every file of a snapshot
   under a new name, then replaces ``checkpoint.json`` (which lists each file's sha256 and row or
   tensor count) atomically, keeping the one before as ``checkpoint.previous.json``. ``resume_run``
@@ -32,28 +32,25 @@ A run is written into the sibling ``<name>.partial/`` and renamed into place by
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from importlib import metadata
 from importlib.util import find_spec
 from io import StringIO
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,6 +59,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from spectra.errors import RunInterrupted, SpectraError
+from spectra.runlock import (
+    LOCK_FILE, PARTIAL_SUFFIX, RunLock, SignalGuard, Stop, busy_message, fix, live_writer, now, partial_of, reason, run_of,
+)
 
 CONFIG_FILE = "config.json"
 ROWS_CSV = "results.csv"
@@ -73,8 +73,6 @@ STATE_DIR = "state"
 CHECKPOINT_FILE = "checkpoint.json"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.json"
 CHECKPOINTS_DIR = "checkpoints"
-LOCK_FILE = ".lock"
-PARTIAL_SUFFIX = ".partial"
 TMP_SUFFIX = ".tmp"
 
 #: Options that may differ between the interrupted run and the command that resumes it.
@@ -146,7 +144,7 @@ def collect_provenance(config: Mapping[str, Any]) -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": commit,
         "git_dirty": dirty,
-        "started": _now(),
+        "started": now(),
         "command_line": list(sys.argv),
     }
 
@@ -187,154 +185,6 @@ class _Published:
         return {entry["file"] for entry in entries}
 
 
-class _Stop(BaseException):
-    """Raised by the signal handler to abandon the current step; a BaseException, so no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class SignalGuard:
-    """SIGTERM and SIGINT stop a run between writes, never in the middle of one.
-
-    Outside a write a signal abandons the current step at once (nothing of that step is on disk
-    yet); inside ``writing()`` it is held until the write is complete. Handlers are installed only
-    in the main thread, and only while the guard is entered.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self._writing = 0
-        self._pending: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "SignalGuard":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self._writing:
-            self._pending = signum
-        else:
-            raise _Stop(signum)
-
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        """A write that a signal must not cut short; a signal received meanwhile stops the run right after it."""
-        self._writing += 1
-        try:
-            yield
-        finally:
-            self._writing -= 1
-        if not self._writing and self._pending is not None:
-            signum, self._pending = self._pending, None
-            raise _Stop(signum)
-
-
-class RunLock:
-    """An exclusive ``flock`` on a run directory's lock file, which names the process holding it.
-
-    The kernel drops the lock when the holder exits, however it exits, so a lock is never stale.
-    """
-
-    def __init__(self, handle: IO[str], directory: Path) -> None:
-        self._handle: IO[str] | None = handle
-        self.directory = directory
-
-    @classmethod
-    def acquire(cls, directory: Path) -> "RunLock":
-        """Lock ``directory`` for this process, or raise a SpectraError naming the process that has it."""
-        path = directory / LOCK_FILE
-        try:
-            handle = open(path, "a+", encoding="utf-8")
-        except OSError as err:
-            raise SpectraError(
-                f"Cannot lock the run directory {directory}: {_reason(err)}. {_fix(err, directory)} and run the command again."
-            ) from err
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise SpectraError(busy_message(directory)) from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            handle.close()
-            raise SpectraError(
-                f"The run directory {directory} was moved or finished while spectra was locking it (another "
-                "process wrote it). Run the command again."
-            )
-        handle.seek(0)
-        handle.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
-                   "command_line": " ".join(sys.argv)}, handle)
-        handle.flush()
-        return cls(handle, directory)
-
-    def moved_to(self, directory: Path) -> None:
-        """Record that the locked directory was renamed (the lock travels with its file)."""
-        self.directory = directory
-
-    def release(self, remove: bool = False) -> None:
-        """Drop the lock (and with ``remove`` its file first); safe to call twice."""
-        if self._handle is None:
-            return
-        if remove:
-            (self.directory / LOCK_FILE).unlink(missing_ok=True)
-        self._handle.close()
-        self._handle = None
-
-    def __del__(self) -> None:
-        self.release()
-
-
-def live_writer(directory: Path) -> dict[str, Any] | None:
-    """Who holds ``directory``'s lock right now ({pid, host, started, command_line}), or None when nobody does."""
-    try:
-        handle = open(directory / LOCK_FILE, encoding="utf-8")
-    except OSError:
-        return None
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                owner = json.loads(handle.read() or "{}")
-            except json.JSONDecodeError:
-                owner = {}
-            return owner if isinstance(owner, dict) else {}
-        return None
-
-
-def busy_message(directory: Path) -> str:
-    """The refusal a second writer gets: which process holds the run, and what to do."""
-    owner = live_writer(directory) or {}
-    pid = owner.get("pid")
-    who = f"process {pid}" if pid else "another process"
-    if owner.get("host"):
-        who += f" on {owner['host']}"
-    details = ", ".join(part for part in (f"`{owner['command_line']}`" if owner.get("command_line") else "",
-                                          f"started {owner['started']}" if owner.get("started") else "") if part)
-    stop = f"stop it (kill {pid})" if pid else "stop it"
-    run = _run_of(directory)
-    return (
-        f"The run directory {directory} is being written by {who}{f' ({details})' if details else ''} right now. Two "
-        f"writers would corrupt the run: wait for that process to finish, or {stop} and then continue the run with "
-        f"--resume {run}; to run something else at the same time, choose another --out."
-    )
-
-
 class RunWriter:
     """Collects one run's rows and tensors in ``<name>.partial/`` and moves them to ``<name>/`` on ``finalize()``.
 
@@ -348,7 +198,7 @@ class RunWriter:
                  checkpoint: Checkpoint | None = None, published: _Published | None = None, new: bool = False) -> None:
         self.path = Path(path)
         self._new = new  # a run this writer started: if it fails before any checkpoint, nothing of it is kept
-        self.partial_path = _partial_of(self.path)
+        self.partial_path = partial_of(self.path)
         self.command = command
         self.config = config
         self.progress = checkpoint.progress if checkpoint is not None else ""
@@ -464,7 +314,7 @@ class RunWriter:
                     f"{CHECKPOINTS_DIR}/table-{name}-{token}.csv", _rows_csv(new_rows, tail=()), written, rows=len(new_rows)))
             published = _Published(rows_entry, shards, states, tables)
             manifest = {"round": int(round), "progress": label, "meta": jsonable(dict(meta or self._meta)),
-                        "rows": rows_entry, "tensor_shards": shards, "state": states, "written": _now()}
+                        "rows": rows_entry, "tensor_shards": shards, "state": states, "written": now()}
             if tables:
                 manifest["tables"] = tables
             previous = self.partial_path / CHECKPOINT_FILE
@@ -505,7 +355,7 @@ class RunWriter:
                 files[f"{name}.csv"] = self._write_file(f"{name}.csv", _rows_csv(table, tail=()), [], rows=len(table))
             state_files = self._keep_state() if keep_state else {}
             files.update(state_files)
-            status = {"complete": True, "finished": _now(), "rows": len(rows), "tensors": len(self._tensors),
+            status = {"complete": True, "finished": now(), "rows": len(rows), "tensors": len(self._tensors),
                       "round": self._round, "progress": self.progress, "meta": self._meta, "files": files}
             if tables:
                 status["tables"] = {name: len(table) for name, table in tables.items()}
@@ -540,7 +390,7 @@ class RunWriter:
             discard = self._new and self._round is None and not self._done
             if discard:
                 shutil.rmtree(self.partial_path, ignore_errors=True)
-            if isinstance(err, _Stop):
+            if isinstance(err, Stop):
                 raise RunInterrupted(self._interrupted(err.signum, discard), err.signum) from None
             raise
         finally:
@@ -564,7 +414,7 @@ class RunWriter:
     def _manifest(self) -> dict[str, Any]:
         """The manifest of the checkpoint now in force (written as the previous one when the next replaces it)."""
         manifest = {"round": self._round, "progress": self.progress, "meta": self._meta, "rows": self._published.rows,
-                    "tensor_shards": self._published.shards, "state": self._published.state, "written": _now()}
+                    "tensor_shards": self._published.shards, "state": self._published.state, "written": now()}
         if self._published.tables:
             manifest["tables"] = self._published.tables
         return manifest
@@ -618,15 +468,14 @@ class RunWriter:
 
     def _write_failed(self, what: str, err: BaseException) -> str:
         """One paragraph: what could not be written and why, what is intact, and how to go on."""
-        reason = _reason(err)
-        fix = _fix(err, self.partial_path)
+        cause, remedy = reason(err), fix(err, self.partial_path)
         if self._round is not None:
             return (
-                f"Could not write {what} into {self.partial_path}: {reason}. Nothing written before is lost: the last "
-                f"complete checkpoint ({self.progress}) is intact. {fix}, then continue the run with "
+                f"Could not write {what} into {self.partial_path}: {cause}. Nothing written before is lost: the last "
+                f"complete checkpoint ({self.progress}) is intact. {remedy}, then continue the run with "
                 f"`{self.resume_command}`."
             )
-        return f"Could not write {what} into {self.partial_path}: {reason}. {fix}, then run the command again."
+        return f"Could not write {what} into {self.partial_path}: {cause}. {remedy}, then run the command again."
 
     def _interrupted(self, signum: int, discarded: bool) -> str:
         """What a stopped run tells the user: which signal, how far it got, and the resume command."""
@@ -650,7 +499,7 @@ def check_run_target(out: Path | None, root: Path = Path("runs")) -> None:
         path = Path(out)
         if path.exists():
             raise SpectraError(f"The output directory {path} already exists. Choose another --out, or delete it first.")
-        partial = _partial_of(path)
+        partial = partial_of(path)
         if partial.exists():
             if live_writer(partial) is not None:
                 raise SpectraError(busy_message(partial))
@@ -671,8 +520,8 @@ def check_run_target(out: Path | None, root: Path = Path("runs")) -> None:
         read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
         err = OSError(errno.EROFS if read_only else errno.EACCES, os.strerror(errno.EROFS if read_only else errno.EACCES))
         raise SpectraError(
-            f"Cannot write the run directory {target.parent}: {ancestor} is not writable ({_reason(err)}). "
-            f"{_fix(err, ancestor)}, or choose --out on a writable disk."
+            f"Cannot write the run directory {target.parent}: {ancestor} is not writable ({reason(err)}). "
+            f"{fix(err, ancestor)}, or choose --out on a writable disk."
         )
 
 
@@ -696,16 +545,16 @@ def create_run(command: str, config: Mapping[str, Any] | Any, out: Path | None =
         stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{command}"
         path = Path(root) / stem
         suffix = 2
-        while path.exists() or _partial_of(path).exists():
+        while path.exists() or partial_of(path).exists():
             path = Path(root) / f"{stem}-{suffix}"
             suffix += 1
-    partial = _partial_of(path)
+    partial = partial_of(path)
     try:
         partial.mkdir(parents=True)
     except FileExistsError:
         raise SpectraError(f"Another process started a run in {partial} just now. Choose another --out.") from None
     except OSError as err:
-        raise SpectraError(f"Cannot create the run directory {partial}: {_reason(err)}. {_fix(err, partial.parent)}, "
+        raise SpectraError(f"Cannot create the run directory {partial}: {reason(err)}. {fix(err, partial.parent)}, "
                            "or choose --out on a writable disk.") from err
     lock = RunLock.acquire(partial)
     stored = {"command": command, "config": options,
@@ -715,7 +564,7 @@ def create_run(command: str, config: Mapping[str, Any] | Any, out: Path | None =
     except OSError as err:
         lock.release()
         shutil.rmtree(partial, ignore_errors=True)
-        raise SpectraError(f"Cannot write {partial / CONFIG_FILE}: {_reason(err)}. {_fix(err, partial)}, "
+        raise SpectraError(f"Cannot write {partial / CONFIG_FILE}: {reason(err)}. {fix(err, partial)}, "
                            "or choose --out on a writable disk.") from err
     return RunWriter(path, command, options, lock=lock, new=True)
 
@@ -735,8 +584,8 @@ class StoredRun:
 def inspect_run(run_dir: Path) -> StoredRun:
     """Find the run ``run_dir`` names (``runs/X`` or ``runs/X.partial``) and read its command and options; no lock, no model."""
     run_dir = Path(run_dir)
-    path = _run_of(run_dir)
-    partial = _partial_of(path)
+    path = run_of(run_dir)
+    partial = partial_of(path)
     if partial.is_dir():
         directory, finished = partial, False
     elif (path / STATUS_FILE).is_file():
@@ -810,26 +659,26 @@ def resume_run(run_dir: Path, command: str, config: Mapping[str, Any] | Any, ign
         if found.finished:
             checkpoint, published = _finished_checkpoint(found.path, verify_first=True)
             try:
-                os.replace(found.path, _partial_of(found.path))
+                os.replace(found.path, partial_of(found.path))
             except OSError as err:
-                raise SpectraError(f"Cannot reopen {found.path} to extend it: {_reason(err)}. {_fix(err, found.path)} "
+                raise SpectraError(f"Cannot reopen {found.path} to extend it: {reason(err)}. {fix(err, found.path)} "
                                    "and run the command again.") from err
-            lock.moved_to(_partial_of(found.path))
+            lock.moved_to(partial_of(found.path))
         else:
             checkpoint, published = _read_checkpoint(found.directory)
-        partial = _partial_of(found.path)
+        partial = partial_of(found.path)
         for directory in (partial, partial / CHECKPOINTS_DIR, partial / STATE_DIR):
             _remove_strays(directory, set(), suffix=TMP_SUFFIX)
         stored = _read_json(partial / CONFIG_FILE, partial)
         stored["config"] = options
-        resumed = {"at": _now(), "command_line": list(sys.argv), "from": checkpoint.progress or "the start"}
+        resumed = {"at": now(), "command_line": list(sys.argv), "from": checkpoint.progress or "the start"}
         if grown:
             resumed["extended"] = grown
         stored.setdefault("provenance", {}).setdefault("resumed", []).append(resumed)
         try:
             _write_json_atomic(partial / CONFIG_FILE, stored)
         except OSError as err:
-            raise SpectraError(f"Cannot update {partial / CONFIG_FILE}: {_reason(err)}. {_fix(err, partial)} and run the "
+            raise SpectraError(f"Cannot update {partial / CONFIG_FILE}: {reason(err)}. {fix(err, partial)} and run the "
                                "command again.") from err
     except BaseException:
         lock.release()
@@ -956,7 +805,7 @@ def load_run(run_dir: Path) -> Run:
     """Read a finished run directory, every file verified against status.json; anything else is a SpectraError saying what to do."""
     path = Path(run_dir)
     if not path.is_dir():
-        partial = _partial_of(path)
+        partial = partial_of(path)
         if partial.is_dir():
             if live_writer(partial) is not None:
                 raise SpectraError(f"The run {path} is not finished yet: {busy_message(partial)}")
@@ -969,7 +818,7 @@ def load_run(run_dir: Path) -> Run:
     if not status_file.is_file():
         if path.name.endswith(PARTIAL_SUFFIX) or (path / CHECKPOINT_FILE).is_file():
             raise SpectraError(
-                f"{path} is an unfinished run (it has no '{STATUS_FILE}'). Continue it with --resume {_run_of(path)}, "
+                f"{path} is an unfinished run (it has no '{STATUS_FILE}'). Continue it with --resume {run_of(path)}, "
                 "or run the command again."
             )
         raise SpectraError(
@@ -1174,21 +1023,9 @@ def _read_checkpoint(partial: Path) -> tuple[Checkpoint, _Published | None]:
     return Checkpoint(round=None, rows=pd.DataFrame(), tensors={}, state={}), _Published()
 
 
-def _run_of(directory: Path) -> Path:
-    """The run's own path for a run or partial directory (``runs/X.partial`` -> ``runs/X``)."""
-    directory = Path(directory)
-    if directory.name.endswith(PARTIAL_SUFFIX):
-        return directory.with_name(directory.name.removesuffix(PARTIAL_SUFFIX))
-    return directory
-
-
 def _option(key: str) -> str:
     """An option key as the command line spells it (``rounds`` -> ``--rounds``)."""
     return "--" + key.replace("_", "-")
-
-
-def _partial_of(path: Path) -> Path:
-    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 def _remove_strays(directory: Path, keep: set[str], prefix: str = "", suffix: str = "") -> None:
@@ -1270,27 +1107,6 @@ def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
-def _reason(err: BaseException) -> str:
-    """An OS error in words with its errno name ('No space left on device (ENOSPC)'), else the error's text."""
-    code = getattr(err, "errno", None)
-    if isinstance(err, OSError) and code in errno.errorcode:
-        return f"{os.strerror(code)} ({errno.errorcode[code]})"
-    return str(err) or type(err).__name__
-
-
-def _fix(err: BaseException, where: Path) -> str:
-    """What to do about a failed write, by cause."""
-    code = getattr(err, "errno", None)
-    text = str(err).lower()
-    if code in (errno.ENOSPC, errno.EDQUOT) or "no space" in text:
-        return f"Free disk space on the device that holds {where}"
-    if code == errno.EROFS or "read-only" in text:
-        return f"The file system that holds {where} is read-only: remount it writable or move the run to a writable disk"
-    if code in (errno.EACCES, errno.EPERM) or "permission" in text:
-        return f"Make {where} writable for this user"
-    return "Fix the cause"
-
-
 def _git_state(directory: Path) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the git checkout holding ``directory`` when its files are tracked there, else (None, None)."""
     def git(*args: str) -> str:
@@ -1310,7 +1126,3 @@ def _version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -41,9 +41,10 @@ from spectra.glossary import with_units
 from spectra.models.tiny import WORLD_FILES
 from spectra.progress import ConsoleStages
 from spectra.results import (
-    RESUME_IGNORED, Checkpoint, busy_message, check_run_target, config_changes, create_run, flatten_options,
-    inspect_run, jsonable, live_writer, resume_run, ss_key,
+    RESUME_IGNORED, Checkpoint, check_run_target, config_changes, create_run, flatten_options, inspect_run, jsonable,
+    resume_run, ss_key,
 )
+from spectra.runlock import busy_message, live_writer
 from spectra.spectral import (
     ReviveProjector, Spectrum, drift_stats, functional_change, ls, rank_for_energy, relative_change_rate, ss, ss_best_match, ss_summary, svd,
 )
