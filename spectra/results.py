@@ -60,7 +60,7 @@ from safetensors.torch import load_file, save_file
 
 from spectra.errors import RunInterrupted, SpectraError
 from spectra.runlock import (
-    LOCK_FILE, PARTIAL_SUFFIX, RunLock, SignalGuard, Stop, busy_message, fix, live_writer, now, partial_of, reason, run_of,
+    PARTIAL_SUFFIX, RunLock, SignalGuard, Stop, busy_message, fix, live_writer, now, partial_of, reason, run_of,
 )
 
 CONFIG_FILE = "config.json"
