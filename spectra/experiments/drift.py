@@ -30,14 +30,14 @@ from spectra.evaluation.representations import hidden_states, joint_tsne, shift_
 from spectra.evaluation.rows import aggregate
 from spectra.editing.stats import read_corpus, sample_keys
 from spectra.experiments.common import (
-    LISTED_RECORDS, CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, defaults_key, general_ability,
-    heldout_text, open_model, usable_records, world_dir,
+    LISTED_RECORDS, CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, defaults_key,
+    general_ability, heldout_text, open_model, usable_records, world_dir,
 )
 from spectra.models.loading import (
     LoadedModel, check_device_map, check_model_source, load_tokenizer, model_width, resolve_dtype,
 )
-from spectra.models.sites import Site
 from spectra.glossary import with_units
+from spectra.models.sites import Site
 from spectra.models.tiny import WORLD_FILES
 from spectra.progress import ConsoleStages
 from spectra.results import (
@@ -98,6 +98,7 @@ class DriftConfig(CommonOptions):
     resume: Path | None = None
 
     def __post_init__(self) -> None:
+        """Hyperparameters given as an object or a path string are kept in their JSON-able form (config.json)."""
         if isinstance(self.hparams, MemitHParams):
             self.hparams = self.hparams.to_dict()
         elif isinstance(self.hparams, str):
