@@ -10,7 +10,7 @@ from spectra.errors import SpectraError
 from spectra.spectral.decompose import check_matrix
 from spectra.spectral.delta import Delta
 from spectra.spectral.drift import MatrixOrSpectrum, as_spectrum
-from spectra.spectral.spectrum import Spectrum, check_tau, rank_for_energy
+from spectra.spectral.spectrum import Indices, Spectrum, _as_index_tensor, check_tau, rank_for_energy
 
 
 class ReviveProjector:
@@ -32,11 +32,27 @@ class ReviveProjector:
     the update's dtype and device.
     """
 
-    def __init__(self, spectrum: Spectrum, tau: float) -> None:
-        self.tau = float(tau)
-        self.k = rank_for_energy(spectrum.S, self.tau)
-        self.Uk = spectrum.U[:, : self.k].contiguous()  # (m, k) protected output directions
-        self.Vk = spectrum.Vh[: self.k].T.contiguous()  # (n, k) protected input directions
+    def __init__(self, spectrum: Spectrum, tau: float | None = None, *, indices: Indices | None = None) -> None:
+        """Protect the top-k triplets at energy threshold ``tau`` (Eq. 5), or exactly the triplets ``indices``.
+
+        ``indices`` is how other protection criteria (``spectra.spectral.protect``) choose the
+        protected set; the filter itself is the same. An empty index set protects nothing.
+        """
+        if (tau is None) == (indices is None):
+            raise SpectraError("A REVIVE projector protects either the top-k triplets at an energy threshold tau or "
+                               "a given set of triplet indices: pass exactly one of them.")
+        self.tau = None if tau is None else float(tau)
+        if indices is None:
+            idx = torch.arange(rank_for_energy(spectrum.S, self.tau))
+        else:
+            idx = _as_index_tensor(indices, spectrum.rank)
+            if idx.unique().numel() != idx.numel():
+                raise SpectraError("The protected triplet indices must be distinct.")
+        self.indices = idx
+        self.k = idx.numel()
+        device_idx = idx.to(spectrum.U.device)
+        self.Uk = spectrum.U[:, device_idx].contiguous()  # (m, k) protected output directions
+        self.Vk = spectrum.Vh[device_idx].T.contiguous()  # (n, k) protected input directions
 
     @property
     def shape(self) -> tuple[int, int]:
