@@ -157,8 +157,10 @@ DEVICE_MAP = typer.Option(None, "--device-map", help="auto: spread a model large
 SEED = typer.Option(0, "--seed", help="Seed of every random choice (generators are passed explicitly).")
 OUT = typer.Option(None, "--out", help="Run directory to write [default: runs/<time>-<command>].")
 ALLOW_DOWNLOAD = typer.Option(False, "--allow-download", help="Let transformers download a model missing from the cache.")
-SITES = typer.Option(None, "--sites", help="Comma-separated KIND or KIND@LAYER (e.g. mlp.down or mlp.up@2,mlp.down@2) "
-                     "[default: the FFN matrices of every layer].")
+SITES = typer.Option(None, "--sites", help="Comma-separated KIND or KIND@LAYER (e.g. mlp.down or mlp.up@2,mlp.down@2; "
+                     "attention kinds attn.q, attn.k, attn.v, attn.o too) [default: the FFN matrices of every layer].")
+BY_KIND = typer.Option(False, "--by-kind", help="Change one site kind at a time (rows get a kind column; the "
+                       "kind_comparison figure compares them) instead of every chosen site at once.")
 SPECTRUM_SITES = typer.Option(None, "--sites", help="Comma-separated KIND or KIND@LAYER (e.g. mlp.down or "
                               "mlp.up@2,attn.q@0) [default: every FFN and attention matrix of every layer].")
 TASKS = typer.Option(None, "--tasks", help="Comma-separated general-ability tasks [default: the tiny world's four tasks, "
@@ -169,6 +171,39 @@ GLUE_DIR = typer.Option(None, "--glue-dir", help="Directory of <task>.jsonl file
 SKIP_BAD = typer.Option(False, "--skip-bad-records", help="Leave out dataset records the model's tokenizer cannot "
                         "represent (unknown words, a subject that is not a run of tokens in its prompt, target_new == "
                         "target_true) and say how many; without it they are an error listing the first few.")
+
+
+# Options shared by the edit-loop commands (drift, capacity).
+EDITOR = typer.Option("memit", "--editor", help="memit, alphaedit, rect, prune or nse.")
+DATASET = typer.Option("auto", "--dataset", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path to CounterFact, "
+                       "zsRE or EasyEdit/KnowEdit JSON (detected by its fields; `spectra data` shows each) [default: tiny "
+                       "for the tiny model, else counterfact].")
+PLACEMENT = typer.Option(None, "--placement", help="Where REVIVE acts on the key side: after (the paper's post-hoc "
+                         "filter) or in_solve (spectra's extension: solve on the complement of V_k, the constrained "
+                         "optimum) [default: after].")
+PROTECT = typer.Option("energy", "--protect", help="Which singular triplets of W0 REVIVE protects: energy (the paper: "
+                       "the top k holding tau of sum sigma), rank (the top tau share of the rank), sigma2 (the top k "
+                       "holding tau of sum sigma^2), activation (the k right singular directions the statistics corpus's "
+                       "keys use most, E[(v^T k)^2]; mlp.down sites) or fisher (the k directions u v^T along which the "
+                       "loss of held-out general-task items has the largest mean squared gradient); activation and "
+                       "fisher protect as many as energy at the same tau.")
+PROTECT_DIM = typer.Option(None, "--protect-dim", help="Protect exactly this many triplets per site, whatever the "
+                           "criterion (one --tau only) [default: as many as tau buys].")
+SHUFFLE = typer.Option(False, "--shuffle-records", help="Edit a --seed-shuffled order of the dataset's records (other "
+                       "facts per seed) instead of its first ones.")
+STATS_CORPUS = typer.Option(None, "--stats-corpus", help="Text file (one document per line) for the key statistics "
+                            "[default: the tiny world's corpus; a real model needs it or --stats].")
+STATS = typer.Option(None, "--stats", help="Precomputed key statistics instead of computing them: a MEMIT/ROME "
+                     "layer_stats .npz (<module>_float32_mom2_<n>.npz, as the official code and EasyEdit write them), "
+                     "spectra's cache files, or a directory holding one per edited layer.")
+HPARAMS = typer.Option(None, "--hparams", help="Editor hyperparameters from a file: EasyEdit's YAML (hparams/MEMIT/"
+                       "llama3-8b.yaml) or the official repositories' JSON. Keys spectra does not need are reported as "
+                       "ignored; unknown keys are errors [default: the model's defaults].")
+HPARAMS_SET = typer.Option(None, "--set", help="Override one hyperparameter, key=value (repeatable), e.g. --set "
+                           "v_lr=0.5 --set layers=[4,5,6].")
+RESUME = typer.Option(None, "--resume", help="Continue a run directory: an interrupted one from its last intact "
+                      "checkpoint, a finished one with a larger --rounds. Its options come from its config.json; "
+                      "options given as well must match them.")
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -226,7 +261,7 @@ def spectrum(
 def concentration(
     model: str = MODEL, sites: str = SITES,
     fractions: str = typer.Option("5,10,20,30,40,50,60,70,80,90,100", help="Percent of singular-value energy kept, each in (0, 100]."),
-    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
+    by_kind: bool = BY_KIND, tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
     device_map: str = DEVICE_MAP,
 ) -> None:
@@ -236,9 +271,10 @@ def concentration(
     check_format(fmt)
     config = ConcentrationConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                                  device_map=device_map, sites=sites, fractions=_floats(fractions, "--fractions"),
+                                 by_kind=by_kind,
                                  general=_general(tasks, items_per_task, glue_dir))
     path = run_concentration(config)
-    _summarise(path, ["fraction", "task"], "accuracy", fmt)
+    _summarise(path, ["kind"] * by_kind + ["fraction", "task"], "accuracy", fmt)
 
 
 @app.command()
@@ -249,7 +285,7 @@ def sensitivity(
     eps: float = typer.Option(0.1, help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute."),
     eps_absolute: bool = typer.Option(False, "--eps-absolute", help="Read --eps as an absolute Frobenius norm."),
     seeds: int = typer.Option(3, help="Random perturbations per group."),
-    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
+    by_kind: bool = BY_KIND, tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
     device_map: str = DEVICE_MAP,
 ) -> None:
@@ -259,10 +295,10 @@ def sensitivity(
     check_format(fmt)
     config = SensitivityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                                device_map=device_map, sites=sites, side=side, eps=eps, eps_absolute=eps_absolute,
-                               seeds=seeds,
+                               seeds=seeds, by_kind=by_kind,
                                general=_general(tasks, items_per_task, glue_dir))
     path = run_sensitivity(config)
-    _summarise(path, ["side", "group"], "accuracy", fmt, task="mean")
+    _summarise(path, ["kind"] * by_kind + ["side", "group"], "accuracy", fmt, task="mean")
 
 
 @app.command()
@@ -301,19 +337,21 @@ def trace(
 def drift(
     ctx: typer.Context,
     model: str = MODEL,
-    editor: str = typer.Option("memit", help="memit, alphaedit, rect, prune or nse."),
+    editor: str = EDITOR,
     rounds: int = typer.Option(20, help="Sequential editing rounds."),
     batch_size: int = typer.Option(None, help="Edits per round [default: 2.44 % of the model's hidden size, the "
                                    "paper's 100 edits on Llama-3-8B's 4,096 scaled: 6 on tiny, 100 on 4,096-wide models]."),
     revive: str = typer.Option("both", help="on, off or both (two arms over identical requests)."),
     tau: str = typer.Option("0.1", help="REVIVE energy threshold(s) in (0, 1); several (0.05,0.1,...) run a tau sweep."),
-    dataset: str = typer.Option("auto", help="tiny, tiny-zsre, counterfact, mcf, cf, zsre or a path to CounterFact, zsRE "
-                                "or EasyEdit/KnowEdit JSON (detected by its fields; `spectra data` shows each) "
-                                "[default: tiny for the tiny model, else counterfact]."),
+    dataset: str = DATASET,
     refresh: str = typer.Option("original", help="REVIVE basis: from the original weights, or rebuilt from the current ones each round."),
-    placement: str = typer.Option(None, help="Where REVIVE acts on the key side: after (the paper's post-hoc "
-                                            "filter) or in_solve (spectra's extension: solve on the complement of V_k, "
-                                            "the constrained optimum) [default: after]."),
+    placement: str = PLACEMENT,
+    protect: str = PROTECT, protect_dim: int = PROTECT_DIM,
+    sites: str = typer.Option(None, "--sites", help="Sites whose spectral drift is measured, e.g. mlp.down,attn.q,attn.o "
+                              "(KIND or KIND@LAYER). REVIVE protects every site the editor writes; a listed site it does "
+                              "not write must keep zero drift, and a warning says when it does not [default: the sites "
+                              "the editor writes]."),
+    shuffle_records: bool = SHUFFLE,
     metric_tau: float = typer.Option(0.1, help="tau defining the dominant subspace for LS and SS."),
     ss_every: int = typer.Option(2, help="Store SS matrices every N rounds (and the last)."),
     eval_records: int = typer.Option(200, help="Edited records sampled for the per-round edit metrics (all of them "
@@ -332,21 +370,10 @@ def drift(
                                      "Shares --fluency's generations, so together they cost the same."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Also keep one row per scored prompt in samples.csv "
                                      "(arm, round, case_id, prompt kind, P(new), P(true), success): which edits failed."),
-    stats_corpus: Path = typer.Option(None, help="Text file (one document per line) for the key statistics "
-                                      "[default: the tiny world's corpus; a real model needs it or --stats]."),
-    stats: Path = typer.Option(None, help="Precomputed key statistics instead of computing them: a MEMIT/ROME "
-                               "layer_stats .npz (<module>_float32_mom2_<n>.npz, as the official code and EasyEdit "
-                               "write them), spectra's cache files, or a directory holding one per edited layer."),
-    hparams: Path = typer.Option(None, help="Editor hyperparameters from a file: EasyEdit's YAML (hparams/MEMIT/"
-                                 "llama3-8b.yaml) or the official repositories' JSON. Keys spectra does not need are "
-                                 "reported as ignored; unknown keys are errors [default: the model's defaults]."),
-    hparams_set: list[str] = typer.Option(None, "--set", help="Override one hyperparameter, key=value (repeatable), "
-                                          "e.g. --set v_lr=0.5 --set layers=[4,5,6]."),
+    stats_corpus: Path = STATS_CORPUS, stats: Path = STATS, hparams: Path = HPARAMS, hparams_set: list[str] = HPARAMS_SET,
     tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, skip_bad_records: bool = SKIP_BAD,
     fmt: str = FORMAT,
-    resume: Path = typer.Option(None, help="Continue a run directory: an interrupted one from its last intact "
-                                "checkpoint, a finished one with a larger --rounds. Its options come from its "
-                                "config.json; options given as well must match them."),
+    resume: Path = RESUME,
     device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
     device_map: str = DEVICE_MAP,
 ) -> None:
@@ -357,7 +384,8 @@ def drift(
     config = DriftConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
                          device_map=device_map, editor=editor, rounds=rounds, batch_size=batch_size, revive=revive,
                          tau=_floats(tau, "--tau"),
-                         dataset=dataset, refresh=refresh, placement=placement, metric_tau=metric_tau,
+                         dataset=dataset, refresh=refresh, placement=placement, protect=protect,
+                         protect_dim=protect_dim, sites=sites, shuffle_records=shuffle_records, metric_tau=metric_tau,
                          ss_every=ss_every, eval_records=eval_records, represent_prompts=represent_prompts, tsne=tsne,
                          log_samples=log_samples, fluency=fluency, consistency=consistency,
                          stats_corpus=stats_corpus, stats=stats, hparams=hparams, hparams_set=list(hparams_set or []),
@@ -369,6 +397,47 @@ def drift(
     from spectra.results import load_run
 
     show(last_round_table(load_run(path).rows).round(4).reset_index(), fmt)
+    note(f"run directory: {path}", fmt)
+    note(f"figures: {path / 'figures'}", fmt)
+
+
+@app.command()
+@friendly_errors
+def capacity(
+    ctx: typer.Context,
+    model: str = MODEL, editor: str = EDITOR,
+    rounds: int = typer.Option(10, help="Budget: at most this many rounds per arm (rounds x batch size edits)."),
+    batch_size: int = typer.Option(20, help="Edits per round."),
+    revive: str = typer.Option("both", help="on (REVIVE arms only), off or both (with the off arm)."),
+    tau: str = typer.Option("0.1,0.5,0.9", help="REVIVE thresholds in (0, 1), one arm each: a larger tau leaves a "
+                            "smaller complement."),
+    threshold: float = typer.Option(50.0, help="An arm fails at the first round whose own edits' efficacy (%) falls "
+                                    "below this; it then stops."),
+    protect: str = PROTECT, protect_dim: int = PROTECT_DIM, placement: str = PLACEMENT, dataset: str = DATASET,
+    shuffle_records: bool = SHUFFLE,
+    eval_records: int = typer.Option(100, help="Edited records sampled for the efficacy on all edits so far."),
+    stats_corpus: Path = STATS_CORPUS, stats: Path = STATS, hparams: Path = HPARAMS, hparams_set: list[str] = HPARAMS_SET,
+    tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, skip_bad_records: bool = SKIP_BAD,
+    fmt: str = FORMAT, resume: Path = RESUME,
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
+) -> None:
+    """Edit until new edits stop working, per tau: how many edits the protected complement absorbs."""
+    from spectra.experiments.capacity import CapacityConfig, capacity_table, run_capacity
+    from spectra.experiments.drift import OPTION_NAMES
+    from spectra.results import load_run
+
+    check_format(fmt)
+    config = CapacityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
+                            device_map=device_map, editor=editor, rounds=rounds, batch_size=batch_size, revive=revive,
+                            tau=_floats(tau, "--tau"), threshold=threshold, protect=protect, protect_dim=protect_dim,
+                            placement=placement, dataset=dataset, shuffle_records=shuffle_records,
+                            eval_records=eval_records, stats_corpus=stats_corpus, stats=stats, hparams=hparams,
+                            hparams_set=list(hparams_set or []), general=_general(tasks, items_per_task, glue_dir),
+                            skip_bad_records=skip_bad_records, resume=resume)
+    renamed = {option.removeprefix("--").replace("-", "_"): key for key, option in OPTION_NAMES.items()}
+    path = run_capacity(config, given=given_options(ctx, renamed))
+    show(capacity_table(load_run(path).rows).round(2), fmt)
     note(f"run directory: {path}", fmt)
     note(f"figures: {path / 'figures'}", fmt)
 

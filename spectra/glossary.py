@@ -79,14 +79,17 @@ GLOSSARY: dict[str, Metric] = {
                               "spectra (`ss_summary`)"),
     "SS_subspace_overlap": Metric("fraction", "Mean over dominant vectors of their squared projection onto W_0's "
                                   "top-k span: 1 when the dominant subspace is unchanged.", "spectra (`ss_summary`)"),
-    "SS_protected_diag_min": Metric("fraction", "Smallest SS[i, i] over the protected vectors (the arm's tau; "
-                                    "metric_tau for off): 1 when they are intact and keep their rank order.",
-                                    "spectra (REVIVE Fig. 13)"),
+    "SS_protected_diag_min": Metric("fraction", "Smallest SS[i, i] over the arm's protected triplets (metric_tau's "
+                                    "top k where nothing is protected): 1 when they are intact and keep their rank "
+                                    "order.", "spectra (REVIVE Fig. 13)"),
     "SS_protected_match_min": Metric("fraction", "Smallest best |cos| of a protected vector of W_0 with any vector of "
                                      "W_t: 1 when intact wherever they now rank.", "spectra (`ss_best_match`)"),
     "protected_triplet_residual": Metric("ratio", "max over protected triplets of max(||W_t v_i - s_i u_i||, "
                                          "||W_t^T u_i - s_i v_i||) / s_i: 0 when REVIVE kept them exactly.",
                                          "spectra (REVIVE Eq. 6's guarantee)"),
+    "protected_dim": Metric("count", "Triplets of W_0 the arm's REVIVE filter protects at this site (chosen by "
+                            "--protect, as many as tau buys or --protect-dim); 0 in the off arm and at measured sites "
+                            "the editor does not write.", "REVIVE Eq. 5; spectra (`Protection`)"),
     "fro_ratio": Metric("ratio", "||W_t||_F / ||W_0||_F.", "REVIVE Sec. 2.3 (norm growth)"),
     "delta_fro": Metric("weight norm", "||W_t - W_0||_F.", "spectra (`drift_stats`)"),
     "delta_fro_rel": Metric("ratio", "||W_t - W_0||_F / ||W_0||_F.", "spectra (`drift_stats`)"),
@@ -100,6 +103,25 @@ GLOSSARY: dict[str, Metric] = {
     "condition_number": Metric("ratio", "sigma_1 / sigma_min (drift: of W_t).", "spectra (`Spectrum`)"),
     "effective_rank": Metric("count", "exp of the entropy of the normalised singular values (Roy & Vetterli 2007; "
                              "drift: of W_t).", "spectra (`Spectrum`)"),
+    # -- capacity of the protected complement (capacity) -----------------------------------
+    "round_efficacy": Metric("percent", "Efficacy on the edits of this round alone (round 0: the first round's "
+                             "records, before editing).", f"REVIVE Eq. 10; {_CF}"),
+    "update_rank": Metric("count", "Rank of the accumulated update W_t - W_0 inside the protected complement, "
+                          "(I - U_k U_k^T)(W_t - W_0)(I - V_k V_k^T): singular values above 1e-6 of its largest and "
+                          "above 4 eps ||W_t||_F (the weights' rounding).",
+                          "spectra (`complement_usage`)"),
+    "update_effective_rank": Metric("count", "Entropy effective rank (Roy & Vetterli 2007) of that projected update.",
+                                    "spectra (`complement_usage`)"),
+    "complement_rank": Metric("count", "min(m, n) - protected_dim: the largest rank an update confined to the "
+                              "protected complement can have (min(m, n) in the off arm).", "spectra (`complement_usage`)"),
+    "remaining_dim": Metric("count", "complement_rank - update_rank: complement directions the accumulated update has "
+                            "not used yet.", "spectra (`complement_usage`)"),
+    "edits_absorbed": Metric("count", "Edits made before the first round whose round_efficacy fell below --threshold; "
+                             "where capacity_reached is 0, every edit of the budget (a lower bound).",
+                             "spectra (`capacity`)"),
+    "capacity_reached": Metric("fraction", "1 when a round's efficacy fell below --threshold within the budget, 0 when "
+                               "the budget ran out first; averaged over seeds, the share of runs that failed.",
+                               "spectra (`capacity`)"),
     # -- representation shift (drift) ------------------------------------------------------
     "cosine": Metric("fraction", f"Mean over prompts of cos(x_i, y_i); {_SHIFT}.", "spectra (`mean_cosine`)"),
     "cka": Metric("fraction", "Linear CKA of x and y: 1 = same geometry up to rotation and scale.",

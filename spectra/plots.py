@@ -82,6 +82,9 @@ FORMATS = ("png",)
 #: Most lines a figure labels one by one; beyond it, sites are coloured by layer with a colour bar.
 MAX_LEGEND = 12
 
+#: Site kinds in legend order: FFN first, then attention.
+SITE_KIND_ORDER = ("mlp.up", "mlp.gate", "mlp.down", "attn.q", "attn.k", "attn.v", "attn.o")
+
 #: Line styles of the site kinds when sites are coloured by layer.
 KIND_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 3)))
 
@@ -121,7 +124,7 @@ def concentration_curve(rows: pd.DataFrame, baseline: bool = True) -> Figure:
     drawn. With ``baseline``, the unmodified model (rows flagged ``baseline``, else fraction 100)
     is drawn dashed, so the share of ability recovered at 5 % can be read off directly.
     """
-    data = _select(_experiment(rows, "concentration"), "accuracy", ("task",), "the concentration curve")
+    data = _whole(_select(_experiment(rows, "concentration"), "accuracy", ("task",), "the concentration curve"))
     flagged = _flag(data, "baseline")
     curve = data[~flagged].dropna(subset=["fraction"]) if "fraction" in data.columns else data.iloc[:0]
     if curve.empty:
@@ -151,7 +154,7 @@ def sensitivity_by_group(rows: pd.DataFrame, n_groups: int | None = None) -> Fig
     groups are labelled "0-10%" ... "90-100%" for ``n_groups`` groups (default: inferred).
     Repeated rows are averaged, so pass rows of one perturbation strength (filter ``eps``).
     """
-    data = _select(_experiment(rows, "sensitivity"), "accuracy", ("group", "task"), "the sensitivity figure")
+    data = _whole(_select(_experiment(rows, "sensitivity"), "accuracy", ("group", "task"), "the sensitivity figure"))
     data = data.assign(group=pd.to_numeric(data["group"]).astype(int))
     unperturbed = (data["group"] < 0) | _flag(data, "baseline")
     base, probes = data[unperturbed], data[~unperturbed]
@@ -404,6 +407,108 @@ def energy_spectrum(rows: pd.DataFrame) -> Figure:
     return fig
 
 
+def kind_comparison(rows: pd.DataFrame) -> Figure:
+    """General ability with one site kind at a time rebuilt from its top energy (concentration) or perturbed in one
+    energy group (sensitivity, a panel per side): a line per kind, FFN solid and attention dashed.
+
+    Rows of ``--by-kind`` probe runs (a ``kind`` column), any number of them (seeds): repeated rows
+    are averaged with their sd shaded. One row of panels per measure present: the tasks' mean
+    accuracy and, for a model with held-out text, its NLL. The unchanged model is a grey dashed line.
+    """
+    probes = ("concentration", "sensitivity")
+    if not {"kind", "experiment", "task"} <= set(rows.columns) or not (
+            rows["kind"].notna() & rows["experiment"].isin(probes)).any():
+        raise NoData("Cannot draw the kind comparison: it needs the rows of concentration or sensitivity runs made with "
+                     "--by-kind (a kind column).")
+    rows = rows[rows["experiment"].isin(probes)]
+    measures = [(m, t, label) for m, t, label in (("accuracy", "mean", "mean accuracy"),
+                                                  ("text_nll", "heldout_text", "held-out NLL (nats/token)"))
+                if ((rows["metric"] == m) & (rows["task"] == t)).any()]
+    per_kind = rows[rows["kind"].notna()]
+    columns: list[tuple[str, str | None]] = [("concentration", None)] if (per_kind["experiment"] == "concentration").any() else []
+    sensitivity = per_kind[per_kind["experiment"] == "sensitivity"]
+    if len(sensitivity) and "side" in sensitivity.columns:
+        columns += [("sensitivity", side) for side in _ordered(sensitivity["side"].dropna().unique(), SIDES)]
+    if not measures or not columns:
+        raise NoData(_missing("the kind comparison", ("accuracy", "text_nll"), ("kind", "experiment"), rows))
+    kinds = _ordered(rows["kind"].dropna().unique(), SITE_KIND_ORDER)
+    colors = dict(zip(kinds, sns.color_palette("colorblind", len(kinds))))
+    styles = {kind: "--" if str(kind).startswith("attn.") else "-" for kind in kinds}
+    with style():
+        fig, axes = _grid(len(measures) * len(columns), len(columns), width=4.2, height=3.3)
+        for i, (metric, task, label) in enumerate(measures):
+            chosen = rows[(rows["metric"] == metric) & (rows["task"] == task)]
+            for j, (experiment, side) in enumerate(columns):
+                ax = axes[i * len(columns) + j]
+                part = chosen[chosen["experiment"] == experiment]
+                if side is not None:
+                    part = part[(part["side"] == side) | part["kind"].isna()]
+                x = "fraction" if experiment == "concentration" else "group"
+                probes = part.dropna(subset=["kind", x])
+                _lines(ax, probes, x, "kind", "sd", colors, styles=styles, first=SITE_KIND_ORDER)
+                baseline = part[part["kind"].isna()]
+                if len(baseline):
+                    ax.axhline(float(baseline["value"].mean()), color="0.4", ls="--", lw=1, label="unchanged")
+                title = "rebuilt from top energy" if side is None else f"{side} side perturbed"
+                ax.set(xlabel="singular-value energy kept (%)" if x == "fraction" else "perturbed energy group",
+                       ylabel=label, title=title)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].legend(fontsize="small")
+        _suptitle(fig, "General ability by site kind: FFN (solid) and attention (dashed)")
+    return fig
+
+
+def capacity_curve(rows: pd.DataFrame) -> Figure:
+    """Capacity of the protected complement: the efficacy of each round's own edits and the complement dimension
+    left per round (a line per arm), and the edits absorbed before failure against the complement's dimension.
+
+    Rows of ``spectra capacity`` runs (seeds averaged, sd shown). In the last panel each arm is one
+    point at its mean complement_rank over sites; a hollow marker says the arm never failed within
+    its budget, so its edits_absorbed is a lower bound.
+    """
+    needed = ("round_efficacy", "remaining_dim", "edits_absorbed", "complement_rank")
+    if "metric" not in rows.columns or not set(needed) <= set(rows["metric"]) or "arm" not in rows.columns:
+        raise NoData(_missing("the capacity figure", needed, ("arm", "round"), rows))
+    timed = rows.dropna(subset=["arm", "round"])
+    keys = [c for c in ("arm", "round", "seed") if c in timed.columns and timed[c].notna().any()]
+    per_round = [(title, timed[timed["metric"] == metric].groupby(keys, as_index=False)["value"].mean())
+                 for metric, title in (("round_efficacy", "efficacy of the round's own edits (%)"),
+                                       ("efficacy", "efficacy on all edits so far (%)"),
+                                       ("remaining_dim", "complement dimension left (mean over sites)"))
+                 if (timed["metric"] == metric).any()]
+    arms = _ordered(timed["arm"].unique(), ("off",))
+    colors = dict(zip(arms, sns.color_palette("colorblind", len(arms))))
+    points = _capacity_points(timed, [k for k in keys if k != "round"])
+    with style():
+        fig, axes = _grid(len(per_round) + 1, len(per_round) + 1, width=3.8, height=3.3)
+        for ax, (title, part) in zip(axes, per_round):
+            _lines(ax, part, "round", "arm", "sd", colors)
+            ax.set(xlabel="round", ylabel="", title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax = axes[-1]
+        for arm, point in points.groupby("arm", sort=False):
+            mean, sd = point["absorbed"].mean(), point["absorbed"].std()
+            failed = bool(point["reached"].min() == 1.0)
+            ax.errorbar(point["complement"].mean(), mean, yerr=0.0 if np.isnan(sd) else sd, fmt="o", ms=7, capsize=3,
+                        color=colors[arm], mfc=colors[arm] if failed else "white", label=str(arm))
+        ax.set(xlabel="complement dimension min(m, n) - k", ylabel="edits absorbed",
+               title="edits absorbed (hollow: budget ran out)")
+        axes[0].legend(fontsize="small")
+        _suptitle(fig, "Capacity of the protected complement")
+    return fig
+
+
+def _capacity_points(rows: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Per arm (and seed): its complement dimension (mean over sites, round 0), last edits_absorbed and capacity_reached."""
+    def last(metric: str) -> pd.Series:
+        part = rows[rows["metric"] == metric].sort_values("round")
+        return part.groupby(list(keys))["value"].last()
+
+    complement = rows[(rows["metric"] == "complement_rank") & (rows["round"] == 0)].groupby(list(keys))["value"].mean()
+    return pd.DataFrame({"complement": complement, "absorbed": last("edits_absorbed"),
+                         "reached": last("capacity_reached")}).dropna(subset=["absorbed"]).reset_index()
+
+
 def ss_heatmaps(tensors: Mapping[str, torch.Tensor], arm: str, side: str, rounds: Sequence[int], site: str,
                 max_cols: int | None = None, ncols: int = 5) -> Figure:
     """SS matrices of one site over chosen rounds as a grid of heatmaps on a shared [0, 1] scale (Fig. 5, 12-14).
@@ -521,7 +626,7 @@ def plot_run(run_dir: Path, ss_rounds: int = 10, formats: Sequence[str] = FORMAT
         ("drift_overview", drift_overview), ("edit_metrics", edit_metrics_by_round), ("ls", ls_by_round),
         ("norm_growth", norm_growth),
         ("tsne", tsne_scatter), ("tau_sweep", tau_sweep), ("energy_spectrum", energy_spectrum),
-        ("causal_trace", causal_trace_curve),
+        ("causal_trace", causal_trace_curve), ("kind_comparison", kind_comparison), ("capacity", capacity_curve),
     )
     for name, draw in drawers:
         try:
@@ -549,6 +654,13 @@ def _select(rows: pd.DataFrame, metric: str | Sequence[str], required: Sequence[
     if data.empty:
         raise NoData(_missing(figure, metrics, required, rows))
     return data
+
+
+def _whole(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` unless they hold per-kind probes (``--by-kind``), which kind_comparison draws instead."""
+    if "kind" in rows.columns and rows["kind"].notna().any():
+        raise NoData("These probe rows change one site kind at a time (--by-kind); kind_comparison draws them.")
+    return rows
 
 
 def _experiment(rows: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -615,14 +727,16 @@ def _panels_by_round(panels: list[tuple[str, pd.DataFrame]], ncols: int, spread:
 
 
 def _lines(ax: Axes, data: pd.DataFrame, x: str, hue: str | None, spread: str, colors: Mapping,
-           label: str | None = None) -> None:
-    """One line per ``hue`` value: mean ``value`` of repeated rows at each x, shaded by sd or min-max range."""
-    keys = _ordered(data[hue].unique(), ("off",)) if hue else [None]
+           label: str | None = None, styles: Mapping | None = None, first: Sequence[object] = ("off",)) -> None:
+    """One line per ``hue`` value (in ``first``'s order, then sorted): mean ``value`` of repeated rows at each x,
+    shaded by sd or min-max range; ``styles`` gives a line style per value (default solid)."""
+    keys = _ordered(data[hue].unique(), first) if hue else [None]
     for key in keys:
         part = data if hue is None else data[data[hue] == key]
         stats = part.groupby(pd.to_numeric(part[x]))["value"].agg(["mean", "std", "min", "max", "count"]).sort_index()
         color = colors.get(key)
-        ax.plot(stats.index, stats["mean"], marker="o", ms=3, lw=1.5, color=color, label=label or str(key))
+        ax.plot(stats.index, stats["mean"], marker="o", ms=3, lw=1.5, color=color, label=label or str(key),
+                linestyle=(styles or {}).get(key, "-"))
         if (stats["count"] > 1).any():
             if spread == "sd":
                 low, high = stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0)

@@ -80,7 +80,7 @@ RESUME_IGNORED = frozenset({"resume", "out"})
 
 #: Context columns that always hold text; read back as strings even when a value looks numeric.
 TEXT_COLUMNS = ("experiment", "arm", "site", "side", "task", "metric", "phase", "editor", "model", "dataset", "split",
-                "unit", "prompt_kind")
+                "unit", "prompt_kind", "kind")
 
 #: Distributions whose versions every run records.
 VERSIONED_PACKAGES = (

@@ -135,21 +135,25 @@ class EditLoop:
                 advance(1)
         return merged
 
-    def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: Mapping[str, ArmState] | None = None) -> None:
+    def run(self, arms: Sequence[Arm], on_round: RoundCallback, resume: Mapping[str, ArmState] | None = None,
+            finished: Callable[[Arm], bool] | None = None) -> None:
         """Run every arm, each from its own state in ``resume`` (by arm name) when it has one; restores the original weights at the end.
 
         An arm whose state is at the last round is skipped; one with an earlier state continues
         after it (that is also how a finished run is extended with more rounds); the others start
-        from the original weights with round 0.
+        from the original weights with round 0. ``finished(arm)``, asked before an arm starts and
+        after each of its rounds' ``on_round``, ends an arm early (capacity: its edits stopped working).
         """
+        done = finished or (lambda arm: False)
         for arm_index, arm in enumerate(arms):
             state = (resume or {}).get(arm.name)
-            if state is not None and state.round >= self.rounds:
+            if (state is not None and state.round >= self.rounds) or done(arm):
                 continue
-            self._run_arm(arm_index, arm, on_round, state)
+            self._run_arm(arm_index, arm, on_round, state, done)
         self.restore()
 
-    def _run_arm(self, arm_index: int, arm: Arm, on_round: RoundCallback, resume: ArmState | None) -> None:
+    def _run_arm(self, arm_index: int, arm: Arm, on_round: RoundCallback, resume: ArmState | None,
+                 finished: Callable[[Arm], bool]) -> None:
         editor = self.make_editor()
         if resume is None:
             self.restore()
@@ -179,6 +183,8 @@ class EditLoop:
             record.rows.append(_timing(arm, round, "seconds_edit", edit_seconds))
             record.rows.append(_timing(arm, round, "seconds_observe", time.perf_counter() - began))
             on_round(arm, arm_index, round, record, self._state(editor))
+            if finished(arm):
+                return
 
     def _state(self, editor: Editor) -> dict[str, torch.Tensor]:
         """What resuming the arm needs: the edited sites' weights and the editor's cross-round state."""

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 
 from spectra.data.general import load_general_tasks, subsample
+from spectra.data.records import MultipleChoiceItem
 from spectra.errors import SpectraError
 from spectra.evaluation.general import GeneralAbility, HeldoutText
 from spectra.glossary import with_units
@@ -131,6 +132,12 @@ def general_ability(model: LoadedModel | str, options: GeneralOptions, seed: int
     task with fewer items than asked for is an error, never a silent cap.
     """
     options.validate()
+    return GeneralAbility(general_items(model, options, seed, options.items_per_task))
+
+
+def general_items(model: LoadedModel | str, options: GeneralOptions, seed: int,
+                  n_items: int | None) -> dict[str, list[MultipleChoiceItem]]:
+    """Each chosen task's items: ``n_items`` of them (seeded, class-balanced), or all in that seeded order with None."""
     directory = world_dir(model)
     if directory is not None:
         ability = GeneralAbility.from_file(directory / WORLD_FILES["general"])
@@ -140,12 +147,29 @@ def general_ability(model: LoadedModel | str, options: GeneralOptions, seed: int
             raise SpectraError(
                 f"Unknown task(s) {', '.join(unknown)} for the tiny model; its tasks are {', '.join(ability.items)}."
             )
-        items = {name: subsample(ability.items[name], options.items_per_task, seed) for name in chosen}
-        return GeneralAbility(items)
+        return {name: subsample(ability.items[name], n_items, seed) for name in chosen}
     tasks = options.tasks or ["sst2", "mrpc", "cola", "rte"]
-    items = load_general_tasks(tasks, directory=options.data_dir, compat=options.compat,
-                               n_items=options.items_per_task, seed=seed)
-    return GeneralAbility(items)
+    return load_general_tasks(tasks, directory=options.data_dir, compat=options.compat, n_items=n_items, seed=seed)
+
+
+def spare_general_items(model: LoadedModel | str, options: GeneralOptions, seed: int,
+                        per_task: int) -> list[MultipleChoiceItem]:
+    """Up to ``per_task`` items of each task that the general-ability probe never scores (a set held out from it).
+
+    What the ``fisher`` protection criterion computes its loss gradients on, so that choosing the
+    protected directions never sees the items that later judge them.
+    """
+    scored = general_items(model, options, seed, options.items_per_task)
+    spare = []
+    for name, items in general_items(model, options, seed, None).items():
+        used = set(scored[name])
+        spare += [item for item in items if item not in used][:per_task]
+    if not spare:
+        raise SpectraError(
+            f"Every general-task item is scored by the probe ({options.items_per_task} per task), so none is left to "
+            "compute the fisher criterion's gradients on. Lower --items-per-task, or use another criterion."
+        )
+    return spare
 
 
 def heldout_text(model: LoadedModel | str, options: GeneralOptions) -> HeldoutText | None:
@@ -219,6 +243,17 @@ def ability_rows(scores: dict[str, dict[str, float]], **context: object) -> list
         mean = sum(m["accuracy"] for m in scores.values()) / len(scores)
         rows.append({**context, "task": "mean", "metric": "accuracy", "value": mean})
     return with_units(rows)
+
+
+def general_rows(ability: GeneralAbility, text: HeldoutText | None, model: LoadedModel, **context: object) -> list[dict]:
+    """The model's general ability now as tidy rows: task accuracies (``ability_rows``) and, when there is held-out
+    text, its NLL and perplexity (task ``heldout_text``)."""
+    rows = ability_rows(ability(model.model, model.tokenizer), **context)
+    if text is not None:
+        measured = text(model.model, model.tokenizer)
+        rows += with_units({**context, "task": "heldout_text", "metric": f"text_{name}", "value": measured[name]}
+                           for name in ("nll", "perplexity"))
+    return rows
 
 
 def check_fraction_list(values: list[float], name: str, low: float, high: float) -> None:

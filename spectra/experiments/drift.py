@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import random
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from spectra.editing.filters import IdentityFilter, ReviveFilter, SiteFilter
 from spectra.editing.hparams import MemitHParams
 from spectra.editing.hparams_files import ResolvedHParams, resolve_hparams
 from spectra.editing.stats_import import ImportedStatistics, StatsFile, locate_statistics
-from spectra.editing.loop import Arm, ArmState, EditLoop, RoundRecord, arm_state
+from spectra.editing.loop import Arm, ArmState, EditLoop, Observer, RoundRecord, arm_state
 from spectra.errors import SpectraError
 from spectra.evaluation.counterfact import CounterFactPlan, counterfact_rows, generation_rows, prepare_counterfact
 from spectra.evaluation.general import GeneralAbility, HeldoutText
@@ -30,9 +30,10 @@ from spectra.evaluation.representations import hidden_states, joint_tsne, shift_
 from spectra.evaluation.rows import aggregate
 from spectra.editing.stats import read_corpus, sample_keys
 from spectra.experiments.common import (
-    LISTED_RECORDS, CommonOptions, GeneralOptions, ability_rows, config_from_json, default_dataset, defaults_key,
-    general_ability, heldout_text, open_model, usable_records, world_dir,
+    LISTED_RECORDS, CommonOptions, GeneralOptions, config_from_json, default_dataset, defaults_key,
+    choose_sites, general_ability, general_rows, heldout_text, open_model, usable_records, world_dir,
 )
+from spectra.experiments.protection import protection_scores
 from spectra.models.loading import (
     LoadedModel, check_device_map, check_model_source, load_tokenizer, model_width, resolve_dtype,
 )
@@ -42,12 +43,14 @@ from spectra.models.tiny import WORLD_FILES
 from spectra.progress import ConsoleStages
 from spectra.results import (
     RESUME_IGNORED, Checkpoint, check_run_target, config_changes, create_run, flatten_options, inspect_run, jsonable,
-    resume_run, ss_key,
+    load_run, resume_run, ss_key,
 )
 from spectra.runlock import busy_message, live_writer
 from spectra.spectral import (
-    ReviveProjector, Spectrum, drift_stats, functional_change, ls, rank_for_energy, relative_change_rate, ss, ss_best_match, ss_summary, svd,
+    Protection, ReviveProjector, Spectrum, drift_stats, functional_change, ls, rank_for_energy, relative_change_rate, ss,
+    ss_best_match, ss_diagonal, ss_summary, svd,
 )
+from spectra.spectral.protect import CRITERIA, SCORED
 
 #: Corpus documents whose keys measure each round's functional change (``functional_change`` rows).
 FUNCTIONAL_DOCUMENTS = 400
@@ -93,6 +96,15 @@ class DriftConfig(CommonOptions):
     hparams_set: list[str] = field(default_factory=list)
     #: precomputed key statistics (a MEMIT/ROME layer_stats .npz, spectra cache entries, or a directory of them)
     stats: Path | None = None
+    #: which singular triplets of W0 REVIVE protects (spectra.spectral.protect.CRITERIA): energy is the paper's
+    protect: str = "energy"
+    #: protect exactly this many triplets per site instead of the number tau buys
+    protect_dim: int | None = None
+    #: the sites whose spectral drift is measured (KIND or KIND@LAYER, comma-separated); None: the sites the editor
+    #: writes. A listed site the editor does not write must keep zero drift (a guard that it touches only those)
+    sites: str | None = None
+    #: edit a seeded shuffle of the dataset's records (a different set of facts per --seed) instead of its first ones
+    shuffle_records: bool = False
     general: GeneralOptions = field(default_factory=GeneralOptions)
     skip_bad_records: bool = False
     resume: Path | None = None
@@ -121,6 +133,18 @@ class DriftConfig(CommonOptions):
             raise SpectraError(f"--refresh must be original or current, not {self.refresh!r}.")
         if self.placement not in (None, "after", "in_solve"):
             raise SpectraError(f"--placement must be after or in_solve, not {self.placement!r}.")
+        if self.protect not in CRITERIA:
+            raise SpectraError(f"--protect must be one of {', '.join(CRITERIA)}, not {self.protect!r}.")
+        if self.protect_dim is not None:
+            if self.protect_dim < 1:
+                raise SpectraError(f"--protect-dim must be at least 1 (got {self.protect_dim}).")
+            if len(self.tau) > 1:
+                raise SpectraError("--protect-dim fixes the protected dimension, so several --tau values would run the "
+                                   "same REVIVE arm several times: give one --tau, or leave --protect-dim out.")
+        if self.refresh == "current" and self.protect in SCORED:
+            raise SpectraError(f"--refresh current rebuilds the protected set from the current weights each round, "
+                               f"which the {self.protect} criterion cannot (its scores are measured on the original "
+                               "model): use --refresh original or another --protect.")
         if self.editor == "nse" and self.placement == "in_solve":
             raise SpectraError("NSE places REVIVE after its neuron-sparse solve only (it has no orthonormal key basis to "
                                "solve on): use --placement after, or leave --placement out.")
@@ -130,6 +154,12 @@ class DriftConfig(CommonOptions):
                 f"{self.ss_every}, {self.eval_records}, {self.represent_prompts})."
             )
         self.general.validate()
+
+    def protection(self, tau: float) -> Protection:
+        """The protection of a REVIVE arm at threshold ``tau``: --protect with --protect-dim or that tau as budget."""
+        if self.protect_dim is not None:
+            return Protection(self.protect, dim=self.protect_dim)
+        return Protection(self.protect, tau=tau)
 
     def arms(self) -> list[Arm]:
         """The off arm and/or one REVIVE arm per tau, in that order."""
@@ -144,39 +174,50 @@ EDITOR_NAMES = ("memit", "alphaedit", "rect", "prune", "nse")
 
 
 class SpectralDrift:
-    """LS, SS (both sides) with its summaries, and norm growth of every edited site against the original."""
+    """LS, SS (both sides) with its summaries, and norm growth of every measured site against the original.
+
+    ``protected(arm)`` maps each site an arm's REVIVE filter protects to the indices of its protected
+    triplets of W0 (nothing in the off arm). The protected-subspace metrics are taken over those
+    triplets, and over the top-k at ``tau`` at a site nothing protects; ``protected_dim`` records
+    how many triplets are protected (0 there).
+    """
 
     def __init__(self, originals: dict[Site, torch.Tensor], spectra0: dict[Site, Spectrum], tau: float,
-                 ss_every: int, last_round: int, corpus_keys: dict[Site, torch.Tensor] | None = None) -> None:
+                 ss_every: int, last_round: int, corpus_keys: dict[Site, torch.Tensor] | None = None,
+                 protected: Callable[[Arm], Mapping[Site, torch.Tensor]] | None = None) -> None:
         self.originals = originals
         self.spectra0 = spectra0
         self.tau = tau
         self.ss_every = ss_every
         self.last_round = last_round
         self.corpus_keys = corpus_keys or {}
+        self.protected = protected or (lambda arm: {})
 
     def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord:
         record = RoundRecord()
         keep_matrices = round % self.ss_every == 0 or round == self.last_round
+        protected = self.protected(arm)
         for site, s0 in self.spectra0.items():
             Wt = model.adapter.read(site).float().cpu()
             st = svd(Wt)
             context = {"arm": arm.name, "tau": arm.tau, "round": round, "site": str(site)}
             record.rows.append({**context, "metric": "LS", "value": ls(s0, st, self.tau)})
             k = rank_for_energy(s0.S, self.tau)
-            protected = rank_for_energy(s0.S, arm.tau) if arm.tau is not None else k
+            guarded = protected[site] if site in protected else torch.arange(k)
+            record.rows.append({**context, "metric": "protected_dim", "value": float(protected[site].numel())
+                                if site in protected else 0.0})
             for side in ("right", "left"):
-                matrix = ss(s0, st, k=max(k, protected), side=side)
-                for name, value in ss_summary(matrix[:k]).items():
+                matrix = ss(s0, st, k=k, side=side)
+                for name, value in ss_summary(matrix).items():
                     record.rows.append({**context, "side": side, "metric": f"SS_{name}", "value": value})
-                diag = torch.diagonal(matrix[:protected, :protected])
-                record.rows.append({**context, "side": side, "metric": "SS_protected_diag_min", "value": float(diag.min())})
+                record.rows.append({**context, "side": side, "metric": "SS_protected_diag_min",
+                                    "value": float(ss_diagonal(s0, st, guarded, side).min())})
                 record.rows.append({**context, "side": side, "metric": "SS_protected_match_min",
-                                    "value": ss_best_match(s0, st, protected, side)})
+                                    "value": ss_best_match(s0, st, guarded, side)})
                 if keep_matrices:
-                    record.tensors[ss_key(side, arm.name, round, str(site))] = matrix[:k].float()
+                    record.tensors[ss_key(side, arm.name, round, str(site))] = matrix.float()
             record.rows.append({**context, "metric": "protected_triplet_residual",
-                                "value": triplet_residual(s0, Wt, protected)})
+                                "value": triplet_residual(s0, Wt, guarded)})
             stats = drift_stats(self.originals[site], Wt, spectrum0=s0, spectrum_t=st)
             for name in ("fro_ratio", "delta_fro", "delta_fro_rel", "delta_spectral_rel", "spectral_norm_ratio",
                          "spectral_norm_t", "condition_number_t", "effective_rank_t"):
@@ -187,14 +228,15 @@ class SpectralDrift:
         return record
 
 
-def triplet_residual(s0: Spectrum, Wt: torch.Tensor, k: int) -> float:
-    """max_{i<=k} max(||Wt v_i - s_i u_i||, ||Wt^T u_i - s_i v_i||) / s_i over W0's top-k triplets.
+def triplet_residual(s0: Spectrum, Wt: torch.Tensor, indices: torch.Tensor) -> float:
+    """max_i max(||Wt v_i - s_i u_i||, ||Wt^T u_i - s_i v_i||) / s_i over W0's triplets at ``indices``.
 
     Zero exactly when every protected original triplet is still a singular triplet of Wt (what
     REVIVE guarantees); unlike the SS diagonal it does not depend on the triplets keeping their
     rank order, which small safe updates can change when the spectrum has no gap at k.
     """
-    U, S, V = s0.U[:, :k].double(), s0.S[:k].double(), s0.V[:, :k].double()
+    idx = indices.to(s0.U.device)
+    U, S, V = s0.U[:, idx].double(), s0.S[idx].double(), s0.V[:, idx].double()
     W = Wt.double()
     right = torch.linalg.vector_norm(W @ V - U * S, dim=0)
     left = torch.linalg.vector_norm(W.T @ U - V * S, dim=0)
@@ -321,13 +363,7 @@ class GeneralAbilityObserver:
         self.text = text
 
     def __call__(self, arm: Arm, round: int, model: LoadedModel) -> RoundRecord:
-        scores = self.ability(model.model, model.tokenizer)
-        rows = ability_rows(scores, arm=arm.name, tau=arm.tau, round=round)
-        if self.text is not None:
-            measured = self.text(model.model, model.tokenizer)
-            rows += [{"arm": arm.name, "tau": arm.tau, "round": round, "task": "heldout_text", "metric": f"text_{name}",
-                      "value": measured[name]} for name in ("nll", "perplexity")]
-        return RoundRecord(rows=rows)
+        return RoundRecord(rows=general_rows(self.ability, self.text, model, arm=arm.name, tau=arm.tau, round=round))
 
 
 class RepresentationShift:
@@ -429,22 +465,23 @@ def option_name(key: str) -> str:
     return OPTION_NAMES.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
 
 
-def resumed_config(config: DriftConfig, given: Collection[str] | None = None) -> DriftConfig:
-    """The options a resumed drift run uses: the run's own from its config.json, the ``given`` ones checked against them.
+def resumed_config(config: DriftConfig, given: Collection[str] | None = None, command: str = "drift") -> DriftConfig:
+    """The options a resumed run of ``command`` uses: the run's own from its config.json, the ``given`` ones checked
+    against them.
 
     ``given`` names the (dotted) options the caller set explicitly; None means those that differ
-    from DriftConfig's defaults. They must equal the run's own, except ``rounds``, which may grow to
-    extend the run. Read before the model loads, so a wrong option costs nothing.
+    from the config class's defaults. They must equal the run's own, except ``rounds``, which may
+    grow to extend the run. Read before the model loads, so a wrong option costs nothing.
     """
     found = inspect_run(config.resume)
     if live_writer(found.directory) is not None:
         raise SpectraError(busy_message(found.directory))
-    if found.command != "drift":
-        raise SpectraError(f"{found.directory} is a '{found.command}' run, not a drift run; resume it with "
-                           f"`spectra {found.command}`, or start a new drift run without --resume.")
+    if found.command != command:
+        raise SpectraError(f"{found.directory} is a '{found.command}' run, not a {command} run; resume it with "
+                           f"`spectra {found.command}`, or start a new {command} run without --resume.")
     new = flatten_options(jsonable(config))
     if given is None:
-        defaults = flatten_options(jsonable(DriftConfig()))
+        defaults = flatten_options(jsonable(type(config)()))
         given = {key for key, value in new.items() if defaults.get(key) != value}
     changes = config_changes(found.config, jsonable(config), RESUME_IGNORED | {"rounds"}, keys=given)
     if changes:
@@ -463,7 +500,7 @@ def resumed_config(config: DriftConfig, given: Collection[str] | None = None) ->
                 f"Cannot extend {found.path}: NSE computes every request's target on the unedited model before round 1, "
                 "and a finished NSE run no longer has that model. Start a new run with the number of rounds you need."
             )
-    return config_from_json(DriftConfig, options)
+    return config_from_json(type(config), options)
 
 
 @dataclass
@@ -520,6 +557,9 @@ def drift_inputs(config: DriftConfig) -> DriftInputs:
             "EasyEdit's ground_truth), which drift's metrics compare the new target against. Use a CounterFact or "
             "EasyEdit/KnowEdit file whose records have one (raw zsRE's gold answer is the edit target itself)."
         )
+    if config.shuffle_records:
+        records = list(records)
+        random.Random(config.seed).shuffle(records)
     needed, spare = config.rounds * config.batch_size, config.represent_prompts
 
     def check_count(available: int, skipped: int) -> None:
@@ -545,19 +585,114 @@ def drift_inputs(config: DriftConfig) -> DriftInputs:
     return DriftInputs(records, skipped, ability, text, hparams, corpus, statistics, tokenizer, references)
 
 
-def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str] | None = None) -> Path:
+@dataclass
+class EditSetup:
+    """An edit experiment with its model open, before any edit: what its observers are built from."""
+
+    config: DriftConfig
+    inputs: DriftInputs
+    model: LoadedModel
+    #: the records edited, in order (rounds x batch size of them)
+    records: list[dict]
+    #: the sites the editor writes, and the sites measured (--sites; default: the written ones)
+    edited: list[Site]
+    measured: list[Site]
+    #: float32 CPU original weights and their spectra, for every written and measured site
+    originals: dict[Site, torch.Tensor]
+    spectra0: dict[Site, Spectrum]
+    #: an arm's REVIVE projectors per written site (none for the off arm), built once per arm
+    projectors: Callable[[Arm], dict[Site, ReviveProjector]]
+    #: state the checkpoint already holds beyond the arms' (drift: the representations before editing)
+    saved: dict[str, dict[str, torch.Tensor]]
+
+    def protected(self, arm: Arm) -> dict[Site, torch.Tensor]:
+        """The indices of the triplets the arm's filter protects, per written site."""
+        return {site: projector.indices for site, projector in self.projectors(arm).items()}
+
+
+class EditExperiment(Protocol):
+    """What sets one experiment on the edit loop apart from another (drift, capacity): its observers and its end."""
+
+    command: str
+
+    def observers(self, setup: EditSetup) -> list[Observer]:
+        """The observers measuring every round."""
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """State to add to the next checkpoint beyond the arms' (taken once); {} when there is none."""
+
+    def finished(self, arm: Arm, round: int, record: RoundRecord) -> bool:
+        """Whether the arm ends after this round before its last (it may add rows to ``record`` first)."""
+
+
+class DriftObservers:
+    """``spectra drift``: spectral drift, edit metrics, general ability, generations and representation shift."""
+
+    command = "drift"
+
+    def __init__(self) -> None:
+        self.shift: RepresentationShift | None = None
+        self.before_saved = False
+
+    def observers(self, setup: EditSetup) -> list[Observer]:
+        config, inputs, model = setup.config, setup.inputs, setup.model
+        corpus_keys = {}
+        if inputs.corpus is not None:  # imported statistics come without their corpus: no functional_change rows
+            down_sites = [site for site in setup.measured if site.kind == "mlp.down"]
+            keys = sample_keys(model, [s.layer for s in down_sites], read_corpus(inputs.corpus, FUNCTIONAL_DOCUMENTS))
+            corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
+        measured = {site: setup.spectra0[site] for site in setup.measured}
+        edit_metrics = EditMetrics(setup.records, config.batch_size, config.eval_records, config.seed, config.log_samples)
+        observers: list[Observer] = [
+            SpectralDrift(setup.originals, measured, config.metric_tau, config.ss_every, config.rounds, corpus_keys,
+                          setup.protected),
+            edit_metrics,
+            GeneralAbilityObserver(inputs.ability, inputs.text),
+        ]
+        if config.fluency or config.consistency:
+            references, vectorizer = inputs.references or (None, None)
+            observers.append(GenerationMetrics(edit_metrics, config.fluency, references, vectorizer))
+        held_out = held_out_prompts(inputs.records, config.represent_prompts)
+        if held_out:
+            self.shift = RepresentationShift(held_out, max(site.layer for site in setup.edited), config.rounds,
+                                             config.tsne, config.seed)
+            self.shift.before = setup.saved.get("representations", {}).get("before")
+            self.before_saved = "representations" in setup.saved
+            observers.append(self.shift)
+        return observers
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.shift is None or self.shift.before is None or self.before_saved:
+            return {}
+        self.before_saved = True
+        return {"representations": {"before": self.shift.before}}  # taken once; later checkpoints keep its file
+
+    def finished(self, arm: Arm, round: int, record: RoundRecord) -> bool:
+        return False
+
+
+def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str] | None = None,
+              figures: bool = True) -> Path:
     """Run, resume or extend a drift experiment and write its run directory; returns the run's path.
 
     Every cheap check (options, files, dataset, tokenizer, the run directory and its lock) comes
     before the model loads. With ``config.resume`` the run's own options apply (see
     ``resumed_config``; ``given`` names the options the caller set). SIGTERM/SIGINT stop the run
-    between checkpoints with a message saying how to resume (``RunInterrupted``).
+    between checkpoints with a message saying how to resume (``RunInterrupted``). ``figures=False`` leaves the
+    figures undrawn (a batch of runs that draws its own; ``spectra plot`` draws them later).
     """
+    return run_edits(config, DriftObservers(), progress, given, figures)
+
+
+def run_edits(config: DriftConfig, experiment: EditExperiment, progress: bool = True,
+              given: Collection[str] | None = None, figures: bool = True) -> Path:
+    """The edit loop of any edit experiment (``experiment.command``): checks, run directory, arms, checkpoints, figures."""
     from spectra.editing import make_editor
     from spectra.plots import plot_run
 
+    command = experiment.command
     if config.resume is not None:
-        config = resumed_config(config, given)
+        config = resumed_config(config, given, command)
     config.validate()
     arms = config.arms()
     if config.resume is None:
@@ -571,79 +706,88 @@ def run_drift(config: DriftConfig, progress: bool = True, given: Collection[str]
     if config.resume is not None:
         check_same_hparams(config.resume, inputs.hparams)
     if config.resume is not None:
-        writer, checkpoint = resume_run(config.resume, "drift", config, extendable=frozenset({"rounds"}))
+        writer, checkpoint = resume_run(config.resume, command, config, extendable=frozenset({"rounds"}))
         if checkpoint.note:
             print(checkpoint.note, file=sys.stderr)
     else:
-        writer = create_run("drift", config, out=config.out, provenance=inputs.provenance)
+        writer = create_run(command, config, out=config.out, provenance=inputs.provenance)
         checkpoint = Checkpoint(round=None, rows=writer.rows, tensors={}, state={})
 
     with writer.running():
         model = open_model(config, inputs.tokenizer)
-        records = inputs.records
         needed = config.rounds * config.batch_size
-        requests = [EditRequest.from_counterfact(r) for r in records[:needed]]
+        requests = [EditRequest.from_counterfact(r) for r in inputs.records[:needed]]
         imported = ImportedStatistics(inputs.statistics) if inputs.statistics is not None else None
 
         def new_editor() -> Editor:
             return make_editor(config.editor, hparams=inputs.hparams.hparams, corpus=inputs.corpus, statistics=imported,
                                progress=progress)
 
-        loop_sites = new_editor().edited_sites(model)
-        originals = {site: model.adapter.read(site).float().cpu() for site in loop_sites}
+        probe = new_editor()
+        edited = probe.edited_sites(model)
+        measured = choose_sites(model, config.sites) if config.sites else edited
+        originals = {site: model.adapter.read(site).float().cpu() for site in dict.fromkeys([*edited, *measured])}
         spectra0 = {site: svd(W) for site, W in originals.items()}
-        corpus_keys = {}
-        if inputs.corpus is not None:  # imported statistics come without their corpus: no functional_change rows
-            down_sites = [site for site in loop_sites if site.kind == "mlp.down"]
-            keys = sample_keys(model, [s.layer for s in down_sites], read_corpus(inputs.corpus, FUNCTIONAL_DOCUMENTS))
-            corpus_keys = {site: keys[site.layer].cpu() for site in down_sites}
+        scores = {}
+        if any(arm.tau is not None for arm in arms):  # on the unedited model: a resumed arm's weights load later
+            scores = protection_scores(config.protect, model, {s: spectra0[s] for s in edited}, probe.statistics,
+                                       config.general, config.seed)
+        built: dict[str, dict[Site, ReviveProjector]] = {}
+
+        def projectors(arm: Arm) -> dict[Site, ReviveProjector]:
+            if arm.tau is None:
+                return {}
+            if arm.name not in built:
+                protection = config.protection(arm.tau)
+                built[arm.name] = {site: protection.projector(spectra0[site], scores.get(site)) for site in edited}
+            return built[arm.name]
 
         def make_filter(arm: Arm) -> SiteFilter:
             if arm.tau is None:
                 return IdentityFilter()
-            return ReviveFilter({s: ReviveProjector(spectra0[s], arm.tau) for s in loop_sites}, arm.tau, config.refresh)
+            return ReviveFilter(projectors(arm), arm.tau, config.refresh, config.protection(arm.tau))
 
-        edit_metrics = EditMetrics(records[:needed], config.batch_size, config.eval_records, config.seed, config.log_samples)
-        observers = [
-            SpectralDrift(originals, spectra0, config.metric_tau, config.ss_every, config.rounds, corpus_keys),
-            edit_metrics,
-            GeneralAbilityObserver(inputs.ability, inputs.text),
-        ]
-        if config.fluency or config.consistency:
-            references, vectorizer = inputs.references or (None, None)
-            observers.append(GenerationMetrics(edit_metrics, config.fluency, references, vectorizer))
-        shift = None
-        held_out = held_out_prompts(records, config.represent_prompts)
-        if held_out:
-            shift = RepresentationShift(held_out, max(site.layer for site in loop_sites), config.rounds, config.tsne,
-                                        config.seed)
-            shift.before = checkpoint.state.get("representations", {}).get("before")
-            observers.append(shift)
-        loop = EditLoop(model, requests, config.rounds, config.batch_size, new_editor, make_filter, observers,
-                        ConsoleStages(enabled=None if progress else False))
+        setup = EditSetup(config, inputs, model, inputs.records[:needed], edited, measured, originals, spectra0,
+                          projectors, checkpoint.state)
+        loop = EditLoop(model, requests, config.rounds, config.batch_size, new_editor, make_filter,
+                        experiment.observers(setup), ConsoleStages(enabled=None if progress else False))
         positions: dict[str, int] = {name: int(r) for name, r in checkpoint.meta.get("arms", {}).items()}
-        resume = arm_states(checkpoint, arms, positions, loop_sites)
-        before_saved = "representations" in checkpoint.state
+        done: set[str] = set(checkpoint.meta.get("finished", []))
+        resume = arm_states(checkpoint, arms, positions, edited)
 
         def on_round(arm: Arm, arm_index: int, round: int, record: RoundRecord, state: dict) -> None:
-            nonlocal before_saved
+            if experiment.finished(arm, round, record):
+                done.add(arm.name)
             writer.add_rows(with_units({**row, "editor": config.editor} for row in record.rows))
             writer.add_tensors(record.tensors)
             writer.add_table_rows("samples", record.samples)
             positions[arm.name] = round
-            saved = {f"arm{arm_index}": state}
-            if shift is not None and shift.before is not None and not before_saved:
-                saved["representations"] = {"before": shift.before}  # taken once; later checkpoints keep its file
-                before_saved = True
-            writer.checkpoint(arm_index * (config.rounds + 1) + round, saved, meta={"arms": positions},
+            saved = {f"arm{arm_index}": state, **experiment.extra_state()}
+            writer.checkpoint(arm_index * (config.rounds + 1) + round, saved,
+                              meta={"arms": positions, "finished": sorted(done)},
                               progress=f"round {round} of arm '{arm.name}' (arm {arm_index + 1} of {len(arms)})")
             if progress:
                 _print_round(arm, round, record)
 
-        loop.run(arms, on_round, resume)
+        loop.run(arms, on_round, resume, finished=lambda arm: arm.name in done)
         path = writer.finalize(keep_state=True)
-    plot_run(path)
+    changed = unclaimed_changes(load_run(path).rows, edited)
+    if changed:
+        print(f"warning: the {config.editor} editor changed sites it does not claim to write ({', '.join(changed)}): "
+              "their delta_fro is not zero. Its restore between arms misses them, so later arms started from an "
+              "edited model.", file=sys.stderr)
+    if figures:
+        plot_run(path)
     return path
+
+
+def unclaimed_changes(rows: "pd.DataFrame", edited: Sequence[Site]) -> list[str]:
+    """The measured sites outside ``edited`` whose weights changed in any round (delta_fro > 0): what an editor
+    touched without claiming it."""
+    if "site" not in rows.columns:
+        return []
+    deltas = rows[(rows["metric"] == "delta_fro") & ~rows["site"].isin([str(s) for s in edited])]
+    return sorted(deltas.loc[deltas["value"] > 0, "site"].unique())
 
 
 def check_same_hparams(run: Path, hparams: ResolvedHParams) -> None:
@@ -676,7 +820,8 @@ def arm_states(checkpoint: Checkpoint, arms: Sequence[Arm], positions: dict[str,
 
 #: The console line of a round: (label, metric, format); values are means over sites (right side for SS).
 CONSOLE_FIELDS = (
-    ("efficacy %", "efficacy", "{:.1f}"), ("neighbourhood %", "neighborhood", "{:.1f}"),
+    ("round efficacy %", "round_efficacy", "{:.1f}"), ("efficacy %", "efficacy", "{:.1f}"),
+    ("neighbourhood %", "neighborhood", "{:.1f}"), ("free dim", "remaining_dim", "{:.1f}"),
     ("tasks acc", "accuracy", "{:.3f}"), ("text NLL", "text_nll", "{:.3f}"), ("LS", "LS", "{:.3f}"),
     ("SS diag min", "SS_protected_diag_min", "{:.4f}"), ("|dW|2/s1", "delta_spectral_rel", "{:.3f}"),
     ("edit s", "seconds_edit", "{:.1f}"),

@@ -18,11 +18,11 @@ import torch
 
 from spectra.data.datasets import resolve_dataset
 from spectra.errors import SpectraError
-from spectra.evaluation.general import GeneralAbility
+from spectra.evaluation.general import GeneralAbility, HeldoutText
 from spectra.evaluation.tracing import causal_trace
 from spectra.experiments.common import (
-    CommonOptions, GeneralOptions, ability_rows, check_fraction_list, choose_sites, default_dataset, general_ability,
-    open_model, usable_records,
+    CommonOptions, GeneralOptions, check_fraction_list, choose_sites, default_dataset, general_ability, general_rows,
+    heldout_text, open_model, usable_records,
 )
 from spectra.models.loading import LoadedModel, check_device_map, check_model_source, load_tokenizer, resolve_dtype
 from spectra.models.sites import Site
@@ -56,6 +56,8 @@ class ConcentrationConfig(CommonOptions):
 
     sites: str | None = None
     fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS))
+    #: rebuild one site kind at a time (mlp.up, ..., attn.o; rows carry a kind column) instead of every chosen site at once
+    by_kind: bool = False
     general: GeneralOptions = field(default_factory=GeneralOptions)
 
     def validate(self) -> None:
@@ -72,6 +74,8 @@ class SensitivityConfig(CommonOptions):
     eps_absolute: bool = False
     seeds: int = 3
     groups: int = 10
+    #: perturb one site kind at a time (rows carry a kind column) instead of every chosen site at once
+    by_kind: bool = False
     general: GeneralOptions = field(default_factory=GeneralOptions)
 
     def validate(self) -> None:
@@ -135,13 +139,14 @@ def run_spectrum(config: SpectrumConfig, progress: bool = True) -> tuple[Path, l
 
 @dataclass
 class _Probe:
-    """What both probes set up: the model, its sites with originals and spectra, the ability probe, the run."""
+    """What both probes set up: the model, its sites with originals and spectra, the ability probes, the run."""
 
     model: LoadedModel
     sites: list[Site]
     originals: dict[Site, torch.Tensor]
     spectra: dict[Site, Spectrum]
     ability: GeneralAbility
+    text: HeldoutText | None
     writer: RunWriter
 
     @classmethod
@@ -150,58 +155,67 @@ class _Probe:
         config.validate()
         check_inputs(config)
         ability = general_ability(config.model, config.general, config.seed)
+        text = heldout_text(config.model, config.general)
         model = open_model(config)
         sites = choose_sites(model, config.sites, FFN_KINDS)
         originals, spectra = decompose_sites(model, sites, progress=progress)
-        return cls(model, sites, originals, spectra, ability, create_run(command, config, out=config.out))
+        return cls(model, sites, originals, spectra, ability, text, create_run(command, config, out=config.out))
 
-    def record_baseline(self, command: str, **context: object) -> None:
-        """The unchanged model's scores as baseline rows."""
-        self.writer.add_rows(ability_rows(self.measure(), experiment=command, baseline=True, **context))
+    def groups(self, by_kind: bool) -> list[tuple[str | None, list[Site]]]:
+        """The sets of sites changed together: every chosen site at once (kind None), or one kind at a time."""
+        if not by_kind:
+            return [(None, self.sites)]
+        kinds = dict.fromkeys(site.kind for site in self.sites)
+        return [(kind, [site for site in self.sites if site.kind == kind]) for kind in kinds]
 
-    def measure(self) -> dict[str, dict[str, float]]:
-        return self.ability(self.model.model, self.model.tokenizer)
+    def record(self, **context: object) -> None:
+        """Measure general ability (and held-out text NLL) now and add the rows with ``context``."""
+        self.writer.add_rows(general_rows(self.ability, self.text, self.model, **context))
 
 
-def run_concentration(config: ConcentrationConfig, progress: bool = True) -> Path:
-    """Replace every chosen site by its top-n %-energy reconstruction, for each n; measure general ability."""
+def run_concentration(config: ConcentrationConfig, progress: bool = True, figures: bool = True) -> Path:
+    """Replace every chosen site (or each kind's) by its top-n %-energy reconstruction, for each n; measure general ability.
+
+    ``figures=False`` leaves the run's figures undrawn (a batch of runs that draws its own).
+    """
     probe = _Probe.open("concentration", config, progress)
-    model, sites, spectra, writer = probe.model, probe.sites, probe.spectra, probe.writer
+    model, spectra, writer = probe.model, probe.spectra, probe.writer
+    jobs = [(kind, sites, fraction) for kind, sites in probe.groups(config.by_kind) for fraction in sorted(config.fractions)]
     with writer.running():
-        probe.record_baseline("concentration", fraction=None)
-        for fraction in _progress(sorted(config.fractions), "concentration", progress):
+        probe.record(experiment="concentration", fraction=None, baseline=True)
+        for kind, sites, fraction in _progress(jobs, "concentration", progress):
             with restored(model, probe.originals):
                 for site in sites:
                     model.adapter.write(site, spectra[site].reconstruct_top_energy(fraction / 100.0))
-                scores = probe.measure()
-            writer.add_rows(ability_rows(scores, experiment="concentration", fraction=fraction, baseline=False))
-        return _plotted(writer.finalize())
+                probe.record(experiment="concentration", fraction=fraction, baseline=False, kind=kind)
+        return _plotted(writer.finalize(), figures)
 
 
-def run_sensitivity(config: SensitivityConfig, progress: bool = True) -> Path:
-    """Perturb one energy group of every chosen site at a time (input or output side), over seeds; measure."""
+def run_sensitivity(config: SensitivityConfig, progress: bool = True, figures: bool = True) -> Path:
+    """Perturb one energy group of every chosen site (or each kind's) at a time, input or output side, over seeds.
+
+    ``figures=False`` leaves the run's figures undrawn.
+    """
     probe = _Probe.open("sensitivity", config, progress)
-    model, sites, originals, spectra, writer = probe.model, probe.sites, probe.originals, probe.spectra, probe.writer
-    groups = {site: spectra[site].groups(config.groups) for site in sites}
-    jobs = [(side, group, seed) for side in config.sides() for group in range(config.groups) for seed in range(config.seeds)]
+    model, originals, spectra, writer = probe.model, probe.originals, probe.spectra, probe.writer
+    groups = {site: spectra[site].groups(config.groups) for site in probe.sites}
+    jobs = [(kind, sites, side, group, seed) for kind, sites in probe.groups(config.by_kind) for side in config.sides()
+            for group in range(config.groups) for seed in range(config.seeds)]
     with writer.running():
-        probe.record_baseline("sensitivity", side=None, group=-1, seed=None)
-        for side, group, seed in _progress(jobs, "sensitivity", progress):
+        probe.record(experiment="sensitivity", side=None, group=-1, seed=None, baseline=True)
+        for kind, sites, side, group, seed in _progress(jobs, "sensitivity", progress):
             generator = torch.Generator(device=spectra[sites[0]].U.device).manual_seed(config.seed * 10_007 + seed)
-            touched = False
+            touched = [site for site in sites if groups[site][group].numel()]
+            if not touched:
+                continue
             with restored(model, originals):
-                for site in sites:
-                    if groups[site][group].numel() == 0:
-                        continue
+                for site in touched:
                     eps = config.eps if config.eps_absolute else config.eps * spectra[site].fro_norm
                     delta = group_perturbation(spectra[site], groups[site][group], side, eps, generator)
                     model.adapter.write(site, originals[site].float() + delta.to(originals[site].device))
-                    touched = True
-                scores = probe.measure() if touched else None
-            if scores is not None:
-                writer.add_rows(ability_rows(scores, experiment="sensitivity", side=side, group=group, seed=seed,
-                                             eps=config.eps, baseline=False))
-        return _plotted(writer.finalize())
+                probe.record(experiment="sensitivity", side=side, group=group, seed=seed, eps=config.eps,
+                             baseline=False, kind=kind)
+        return _plotted(writer.finalize(), figures)
 
 
 @dataclass
@@ -266,11 +280,12 @@ def _write(writer: RunWriter, rows: list[dict]) -> Path:
     return _plotted(path)
 
 
-def _plotted(path: Path) -> Path:
-    """``path`` after drawing its figures."""
+def _plotted(path: Path, figures: bool = True) -> Path:
+    """``path`` after drawing its figures (unless ``figures`` is False)."""
     from spectra.plots import plot_run
 
-    plot_run(path)
+    if figures:
+        plot_run(path)
     return path
 
 

@@ -82,12 +82,13 @@ class Adapter:
     # -- weights --------------------------------------------------------------------------
     def read(self, site: Site) -> torch.Tensor:
         """A detached copy of the site's weight in (out, in) layout, in the model's dtype."""
+        return self.as_site(site, self.module(site).weight.detach()).clone()
+
+    def as_site(self, site: Site, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out like the module storing ``site`` (its weight, or a gradient of it) as the site's (out, in) view."""
         ref = self._ref(self._checked(site))
-        weight = ref.module.weight.detach()
-        logical = weight.T if ref.transposed else weight
-        if ref.out_slice is not None:
-            logical = logical[ref.out_slice]
-        return logical.clone()
+        logical = stored.T if ref.transposed else stored
+        return logical if ref.out_slice is None else logical[ref.out_slice]
 
     def write(self, site: Site, value: torch.Tensor) -> None:
         """Replace the site's weight by ``value`` given in (out, in) layout (cast to the model's dtype)."""

@@ -6,7 +6,9 @@ Pure tensor code: nothing here knows about models. Matrices are in (out, in) lay
 from spectra.spectral.cache import SpectrumCache, default_cache_root, weights_fingerprint
 from spectra.spectral.decompose import check_matrix, svd, svd_many
 from spectra.spectral.delta import Delta
-from spectra.spectral.drift import as_spectrum, drift_stats, functional_change, ls, spectrum_table, ss, ss_best_match, ss_summary
+from spectra.spectral.drift import (
+    as_spectrum, drift_stats, functional_change, ls, spectrum_table, ss, ss_best_match, ss_diagonal, ss_summary,
+)
 from spectra.spectral.perturb import group_perturbation
 from spectra.spectral.protect import (
     CRITERIA, Protection, activation_scores, complement_usage, fisher_scores, gradient_coefficients, matching_tau,
@@ -46,6 +48,7 @@ __all__ = [
     "spectrum_table",
     "ss",
     "ss_best_match",
+    "ss_diagonal",
     "ss_summary",
     "svd",
     "svd_many",

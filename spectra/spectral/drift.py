@@ -9,7 +9,7 @@ import torch
 
 from spectra.errors import SpectraError
 from spectra.spectral.decompose import check_matrix, svd
-from spectra.spectral.spectrum import Spectrum, _rank_for_share, rank_for_energy
+from spectra.spectral.spectrum import Indices, Spectrum, _as_index_tensor, _rank_for_share, rank_for_energy
 
 MatrixOrSpectrum = torch.Tensor | Spectrum
 Side = Literal["right", "left"]
@@ -78,16 +78,35 @@ def ss(
     return (st.U[:, :k].T.to(s0.U) @ s0.U).abs()
 
 
-def ss_best_match(W0: MatrixOrSpectrum, Wt: MatrixOrSpectrum, k: int, side: Side = "right") -> float:
-    """min over W0's top-k singular vectors of their best |cos| with ANY singular vector of Wt.
+def ss_best_match(W0: MatrixOrSpectrum, Wt: MatrixOrSpectrum, k: int | Indices, side: Side = "right") -> float:
+    """min over W0's top-k singular vectors (or those at the indices ``k``) of their best |cos| with ANY vector of Wt.
 
     The SS diagonal asks that W0's i-th vector still be Wt's i-th; this asks only that it still be
     one of Wt's singular vectors, at any rank. It stays 1 when an update larger than W0 pushes
     intact triplets down the spectrum, where the diagonal drops to about 0.
     """
-    # ss with the roles swapped: row i holds W0's i-th vector against every vector of Wt, so only
-    # k rows are formed (a k x r product, not r x r).
-    return float(ss(Wt, W0, k=k, side=side).max(dim=1).values.min())
+    if isinstance(k, int):
+        # ss with the roles swapped: row i holds W0's i-th vector against every vector of Wt, so only
+        # k rows are formed (a k x r product, not r x r).
+        return float(ss(Wt, W0, k=k, side=side).max(dim=1).values.min())
+    s0, st = as_spectrum(W0, "the original matrix"), as_spectrum(Wt, "the edited matrix")
+    _same_shape(s0, st)
+    idx = _as_index_tensor(k, s0.rank).to(s0.U.device)
+    if side == "right":
+        matrix = s0.Vh[idx] @ st.Vh.to(s0.Vh).T
+    else:
+        matrix = s0.U[:, idx].T @ st.U.to(s0.U)
+    return float(matrix.abs().max(dim=1).values.min())
+
+
+def ss_diagonal(W0: MatrixOrSpectrum, Wt: MatrixOrSpectrum, indices: Indices, side: Side = "right") -> torch.Tensor:
+    """SS[i, i] = |cos(x_i(Wt), x_i(W0))| at the given indices only: whether those triplets kept their place."""
+    s0, st = as_spectrum(W0, "the original matrix"), as_spectrum(Wt, "the edited matrix")
+    _same_shape(s0, st)
+    idx = _as_index_tensor(indices, s0.rank).to(s0.U.device)
+    if side == "right":
+        return (s0.Vh[idx] * st.Vh[idx.to(st.Vh.device)].to(s0.Vh)).sum(dim=1).abs()
+    return (s0.U[:, idx] * st.U[:, idx.to(st.U.device)].to(s0.U)).sum(dim=0).abs()
 
 
 def ss_summary(matrix: torch.Tensor) -> dict[str, float]:

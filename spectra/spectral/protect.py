@@ -179,14 +179,16 @@ def matching_tau(spectra: Sequence[Spectrum], criterion: str, total: int) -> flo
                        f"{len(spectra)} matrices; ask for fewer.")
 
 
-def complement_usage(delta: torch.Tensor, projector: ReviveProjector | None, rtol: float = 1e-5) -> dict[str, float]:
+def complement_usage(delta: torch.Tensor, projector: ReviveProjector | None, rtol: float = 1e-6,
+                     floor: float = 0.0) -> dict[str, float]:
     """How much of the protected complement an accumulated update ``delta`` (m, n) fills.
 
     The update is projected onto the complement, (I - U_k U_k^T) delta (I - V_k V_k^T), in the
     projector's dtype (all of it without a projector: nothing protected). Its ``rank`` counts
-    singular values above ``rtol`` times the largest; ``effective_rank`` is Roy & Vetterli's;
-    ``complement_rank`` = min(m, n) - k is the largest rank an update confined to the complement
-    can have, and ``remaining`` = complement_rank - rank the directions still free.
+    singular values above ``rtol`` times the largest and above ``floor`` (the rounding noise of the
+    weights it was computed from); ``effective_rank`` is Roy & Vetterli's; ``complement_rank`` =
+    min(m, n) - k is the largest rank an update confined to the complement can have, and
+    ``remaining`` = complement_rank - rank the directions still free.
     """
     work = delta.double()
     k = 0 if projector is None else projector.k
@@ -194,9 +196,8 @@ def complement_usage(delta: torch.Tensor, projector: ReviveProjector | None, rto
         work = projector(work)
     complement = min(work.shape) - k
     S = svd(work, dtype=torch.float64).S
-    if float(S[0]) == 0.0:
+    if float(S[0]) <= floor or float(S[0]) == 0.0:
         return {"rank": 0.0, "effective_rank": 0.0, "complement_rank": float(complement), "remaining": float(complement)}
-    rank = int((S > rtol * S[0]).sum())
+    rank = int((S > max(rtol * float(S[0]), floor)).sum())
     return {"rank": float(rank), "effective_rank": effective_rank(S), "complement_rank": float(complement),
             "remaining": float(complement - rank)}
-
