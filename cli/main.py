@@ -96,6 +96,14 @@ def given_options(ctx: typer.Context, renamed: dict[str, str]) -> set[str]:
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in typed}
 
 
+def _edit_options_given(ctx: typer.Context) -> set[str]:
+    """The config keys of the options a drift or capacity command line typed (what a resumed run checks)."""
+    from spectra.experiments.drift import OPTION_NAMES
+
+    renamed = {option.removeprefix("--").replace("-", "_"): key for key, option in OPTION_NAMES.items()}
+    return given_options(ctx, renamed)
+
+
 FORMAT = typer.Option("table", "--format", help="table (whole, never cut; plain text when stdout is not a terminal), "
                       "csv or json (to stdout; other lines go to stderr).")
 
@@ -378,7 +386,7 @@ def drift(
     device_map: str = DEVICE_MAP,
 ) -> None:
     """Edit round after round with REVIVE on and off; track LS, SS, norms, edit metrics and general ability."""
-    from spectra.experiments.drift import OPTION_NAMES, DriftConfig, run_drift
+    from spectra.experiments.drift import DriftConfig, run_drift
 
     check_format(fmt)
     config = DriftConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
@@ -391,8 +399,7 @@ def drift(
                          stats_corpus=stats_corpus, stats=stats, hparams=hparams, hparams_set=list(hparams_set or []),
                          general=_general(tasks, items_per_task, glue_dir),
                          skip_bad_records=skip_bad_records, resume=resume)
-    renamed = {option.removeprefix("--").replace("-", "_"): key for key, option in OPTION_NAMES.items()}
-    path = run_drift(config, given=given_options(ctx, renamed))
+    path = run_drift(config, given=_edit_options_given(ctx))
     from spectra.experiments.drift import last_round_table
     from spectra.results import load_run
 
@@ -424,7 +431,6 @@ def capacity(
 ) -> None:
     """Edit until new edits stop working, per tau: how many edits the protected complement absorbs."""
     from spectra.experiments.capacity import CapacityConfig, capacity_table, run_capacity
-    from spectra.experiments.drift import OPTION_NAMES
     from spectra.results import load_run
 
     check_format(fmt)
@@ -435,8 +441,7 @@ def capacity(
                             eval_records=eval_records, stats_corpus=stats_corpus, stats=stats, hparams=hparams,
                             hparams_set=list(hparams_set or []), general=_general(tasks, items_per_task, glue_dir),
                             skip_bad_records=skip_bad_records, resume=resume)
-    renamed = {option.removeprefix("--").replace("-", "_"): key for key, option in OPTION_NAMES.items()}
-    path = run_capacity(config, given=given_options(ctx, renamed))
+    path = run_capacity(config, given=_edit_options_given(ctx))
     show(capacity_table(load_run(path).rows).round(2), fmt)
     note(f"run directory: {path}", fmt)
     note(f"figures: {path / 'figures'}", fmt)
