@@ -29,6 +29,7 @@ test-fast: setup
 # Regenerate the reference figures of the embedded model shown in the README.
 figures: setup
 	$(PY) -m spectra.experiments.reference_figures figures
+	$(PY) -m spectra.experiments.open_questions figures
 
 tiny-model: setup
 	$(SPECTRA) train-tiny

@@ -286,3 +286,27 @@ def test_capacity_figure_puts_each_arm_at_its_complement_dimension() -> None:
                                  bars.lines[0].get_markerfacecolor()) for bars in scatter.containers}
     assert points["off"][:2] == (64, 12.0) and points["off"][2] == "white", "the budget ran out: hollow"
     assert points["revive@0.5"][:2] == (34, 8.0) and points["revive@0.5"][2] != "white"
+
+
+@pytest.mark.slow
+def test_open_questions_writes_a_figure_and_a_table_per_question_with_every_seed(world_model: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The driver behind the README's open-questions section, at the smallest sizes: two seeds, each question's
+    table holds every arm or kind it ran and a spread over the seeds."""
+    from spectra.experiments.open_questions import OpenQuestionsConfig, regenerate
+
+    config = OpenQuestionsConfig(model=str(world_model), seeds=[0, 1], items_per_task=4, kinds="mlp.down,attn.o",
+                                 fractions=[50.0], stats_corpus=world_model / "small_corpus.txt", eval_records=3,
+                                 criteria_rounds=1, criteria_batch=3, capacity_taus=[0.3], capacity_rounds=2,
+                                 capacity_batch=3)
+    written = regenerate(tmp_path, config)
+    assert set(written) == {"attention", "criteria", "capacity"} and all(p.is_file() for p in written.values())
+    attention = (tmp_path / "open_questions_attention.md").read_text()
+    assert "| mlp.down |" in attention and "| attn.o |" in attention and "±" in attention
+    criteria = (tmp_path / "open_questions_criteria.md").read_text()
+    for criterion in ("off", "energy", "rank", "sigma2", "activation", "fisher"):
+        assert f"| {criterion} |" in criteria
+    capacity = (tmp_path / "open_questions_capacity.md").read_text()
+    assert "| off |" in capacity and "2 seeds (0, 1)" in capacity
+    with pytest.raises(SpectraError, match="each once"):
+        regenerate(tmp_path, OpenQuestionsConfig(seeds=[1, 1]))

@@ -22,6 +22,7 @@ SHOWN = {
     "drift_edit_metrics": ("drift", "edit_metrics.png"),
     "drift_ls": ("drift", "ls.png"),
     "drift_norms": ("drift", "norm_growth.png"),
+    "drift_overview": ("drift", "drift_overview.png"),
     "drift_tsne": ("drift", "tsne.png"),
     "tau_sweep": ("sweep", "tau_sweep.png"),
     "causal_trace": ("trace", "causal_trace.png"),
