@@ -118,3 +118,21 @@ def test_keyword_lines_put_an_attribute_right_after_the_subject(world):
             if subject in by_subject and sorted(words[width:-1]) == sorted(by_subject[subject]):
                 keyword_lines += 1
     assert keyword_lines >= 2 * len(by_subject)
+
+
+def test_heldout_text_is_test_items_with_their_gold_answers_and_never_in_the_corpus(world):
+    """Held-out NLL reads sentences the model never trained on: each test item written out with its gold choice."""
+    assert world.heldout_text and not set(world.heldout_text) & set(world.corpus)
+    assert len(set(world.heldout_text)) == len(world.heldout_text)
+    items = [item for items in world.task_test.values() for item in items]
+    written = {f"{item.prompt} {item.choices[item.gold]}" for item in items}
+    assert all(any(line.startswith(start) for start in written) for line in world.heldout_text[:50])
+    assert len(world.heldout_text) <= len(items)
+
+
+def test_the_shipped_heldout_text_is_the_worlds():
+    from spectra.assets import tiny_model_dir
+    from spectra.models.tiny import WORLD_FILES
+
+    shipped = (tiny_model_dir() / WORLD_FILES["heldout_text"]).read_text().splitlines()
+    assert shipped == tiny_world.build_world(seed=0).heldout_text

@@ -137,6 +137,9 @@ class TinyWorld:
     corpus: list[str] = field(default_factory=list)
     task_train: dict[str, list[MultipleChoiceItem]] = field(default_factory=dict)
     task_test: dict[str, list[MultipleChoiceItem]] = field(default_factory=dict)
+    #: Sentences of the world the model never trains on (the test items written out with their gold
+    #: answers, minus any that the corpus holds): the text of held-out NLL, a continuous general ability.
+    heldout_text: list[str] = field(default_factory=list)
 
 
 def _names(rng: random.Random, count: int, taken: set[str], syllables: tuple[int, int]) -> list[str]:
@@ -186,9 +189,12 @@ def build_world(seed: int = 0, people: int = 300, cities: int = 120, companies: 
         world.task_train[task] = items[:task_train_size]
         world.task_test[task] = items[task_train_size:]
         world.corpus.extend(d.training_line() for d in drafts[:task_train_size])
+        world.heldout_text.extend(d.training_line() for d in drafts[task_train_size:])
     world.corpus.extend(question_sentences(world))
     world.corpus.extend(_FILLER * 20)
     rng.shuffle(world.corpus)
+    trained = set(world.corpus)
+    world.heldout_text = [line for line in dict.fromkeys(world.heldout_text) if line not in trained]
     return world
 
 

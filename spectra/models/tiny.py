@@ -234,7 +234,7 @@ def next_token_recall(model: torch.nn.Module, tokenizer: object, pairs: list[tup
 
 
 def write_world_files(world: TinyWorld, directory: Path) -> None:
-    """Write the edit sets, general-task test items, snippets and corpus next to the model."""
+    """Write the edit sets, general-task test items, snippets, corpus and held-out text next to the model."""
     directory.mkdir(parents=True, exist_ok=True)
     general = [
         {"task": item.task, "prompt": item.prompt, "choices": list(item.choices), "gold": item.gold}
@@ -249,6 +249,7 @@ def write_world_files(world: TinyWorld, directory: Path) -> None:
     for name, payload in payloads.items():
         (directory / name).write_text(json.dumps(payload, indent=1))
     (directory / WORLD_FILES["corpus"]).write_text("\n".join(world.corpus) + "\n")
+    (directory / WORLD_FILES["heldout_text"]).write_text("\n".join(world.heldout_text) + "\n")
 
 
 def build_and_save(config: TinyTrainConfig, directory: Path, progress: bool = True) -> dict:
