@@ -290,7 +290,8 @@ def concentration(
 def sensitivity(
     model: str = MODEL, sites: str = SITES,
     side: str = typer.Option("both", help="input (Eq. 2: remap v_j of a group), output (App. F.1: remap u_i) or both."),
-    eps: float = typer.Option(0.1, help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute."),
+    eps: str = typer.Option("0.1", help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute; "
+                            "several (0.1,0.3,1) add the curve over eps (figure sensitivity_by_eps)."),
     eps_absolute: bool = typer.Option(False, "--eps-absolute", help="Read --eps as an absolute Frobenius norm."),
     seeds: int = typer.Option(3, help="Random perturbations per group."),
     by_kind: bool = BY_KIND, tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,
@@ -302,11 +303,12 @@ def sensitivity(
 
     check_format(fmt)
     config = SensitivityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out, allow_download=allow_download,
-                               device_map=device_map, sites=sites, side=side, eps=eps, eps_absolute=eps_absolute,
+                               device_map=device_map, sites=sites, side=side, eps=_floats(eps, "--eps"), eps_absolute=eps_absolute,
                                seeds=seeds, by_kind=by_kind,
                                general=_general(tasks, items_per_task, glue_dir))
     path = run_sensitivity(config)
-    _summarise(path, ["kind"] * by_kind + ["side", "group"], "accuracy", fmt, task="mean")
+    _summarise(path, ["kind"] * by_kind + ["eps"] * (len(config.eps) > 1) + ["side", "group"], "accuracy", fmt,
+               task="mean")
 
 
 @app.command()

@@ -11,7 +11,8 @@ figure             rows
 concentration      metric "accuracy", fraction (% energy kept, 5..100), task, value; the
                    unmodified model: rows with baseline == True (else fraction 100)
 sensitivity        metric "accuracy", side ("input"/"output"), group (0..G-1; -1 or
-                   baseline == True = unperturbed, side may be empty there), task, seed, value
+                   baseline == True = unperturbed, side may be empty there), task, seed, value;
+                   optional eps (several: a row of panels each, and the curve over eps)
 edit metrics       arm, round (0 = before editing), metric in EDIT_METRICS (0-100), value;
                    plus general ability: metric "accuracy", task, arm, round, value
 LS                 metric "LS", arm, round, site, value
@@ -148,11 +149,11 @@ def concentration_curve(rows: pd.DataFrame, baseline: bool = True) -> Figure:
 
 
 def sensitivity_by_group(rows: pd.DataFrame, n_groups: int | None = None) -> Figure:
-    """Accuracy after perturbing each energy group, mean +- sd over seeds, one panel per side (Fig. 2b, 11).
+    """Accuracy after perturbing each energy group, mean +- sd over seeds, one panel per side (Fig. 2b, 11) and one
+    row of panels per perturbation strength ``eps`` when the run used several.
 
     Rows with ``group == -1`` are the unperturbed model and are drawn as a dashed line per task;
     groups are labelled "0-10%" ... "90-100%" for ``n_groups`` groups (default: inferred).
-    Repeated rows are averaged, so pass rows of one perturbation strength (filter ``eps``).
     """
     data = _whole(_select(_experiment(rows, "sensitivity"), "accuracy", ("group", "task"), "the sensitivity figure"))
     data = data.assign(group=pd.to_numeric(data["group"]).astype(int))
@@ -162,26 +163,67 @@ def sensitivity_by_group(rows: pd.DataFrame, n_groups: int | None = None) -> Fig
         raise NoData("Cannot draw the sensitivity figure: its rows have no 'side' (input/output). Pass the rows of a sensitivity run.")
     probes = probes.dropna(subset=["side"])
     sides = _ordered(probes["side"].unique(), SIDES)
+    strengths = _strengths(probes)
     groups = n_groups or int(probes["group"].max()) + 1
     labels = [f"{100 * g // groups}-{100 * (g + 1) // groups}%" for g in range(groups)]
     tasks = _ordered(data["task"].unique(), ())
     colors = {**dict(zip(tasks, sns.color_palette("colorblind", len(tasks)))), "mean": "black"}
     with style():
-        fig = Figure(figsize=(4.6 * len(sides), 3.6), layout="constrained")
-        axes = fig.subplots(1, len(sides), sharey=True, squeeze=False)[0]
-        for ax, side in zip(axes, sides):
-            panel = probes[probes["side"] == side]
-            _lines(ax, panel, "group", "task", "sd", colors)
-            for task in tasks:
-                reference = base[base["task"] == task]
-                if "side" in reference.columns:  # a baseline row may name its side or apply to both
-                    reference = reference[reference["side"].isna() | (reference["side"] == side)]
-                if len(reference):
-                    ax.axhline(reference["value"].mean(), color=colors[task], ls="--", lw=1)
-            ax.set_xticks(range(groups), labels, rotation=45, ha="right")
-            ax.set(xlabel=f"perturbed {side} energy group", ylabel="accuracy", title=f"{side} side")
-        axes[0].legend(fontsize="small", title="dashed: unperturbed" if len(base) else None)
+        fig = Figure(figsize=(4.6 * len(sides), 3.6 * len(strengths)), layout="constrained")
+        grid = fig.subplots(len(strengths), len(sides), sharey=True, squeeze=False)
+        for row, strength in zip(grid, strengths):
+            chosen = probes if strength is None else probes[pd.to_numeric(probes["eps"]) == strength]
+            for ax, side in zip(row, sides):
+                _lines(ax, chosen[chosen["side"] == side], "group", "task", "sd", colors)
+                for task in tasks:
+                    reference = base[base["task"] == task]
+                    if "side" in reference.columns:  # a baseline row may name its side or apply to both
+                        reference = reference[reference["side"].isna() | (reference["side"] == side)]
+                    if len(reference):
+                        ax.axhline(reference["value"].mean(), color=colors[task], ls="--", lw=1)
+                ax.set_xticks(range(groups), labels, rotation=45, ha="right")
+                title = f"{side} side" if strength is None else f"{side} side, eps {strength:g}"
+                ax.set(xlabel=f"perturbed {side} energy group", ylabel="accuracy", title=title)
+        grid[0][0].legend(fontsize="small", title="dashed: unperturbed" if len(base) else None)
     return fig
+
+
+def sensitivity_by_eps(rows: pd.DataFrame) -> Figure:
+    """Mean task accuracy (and held-out NLL when measured) against the perturbation strength, a line per energy
+    group from the top (dark) to the bottom (light), one panel per side: where the groups start to differ."""
+    probes = _whole(_experiment(rows, "sensitivity"))
+    if any(c not in probes.columns for c in ("eps", "side", "group", "task")) or probes["eps"].nunique() < 2:
+        raise NoData("The curve over eps needs a sensitivity run with several --eps values.")
+    probes = probes[~_flag(probes, "baseline") & (pd.to_numeric(probes["group"]) >= 0)]
+    panels = [(metric, task, label) for metric, task, label in
+              (("accuracy", "mean", "mean task accuracy"), ("text_nll", "heldout_text", "held-out NLL (nats/token)"))
+              if ((probes["metric"] == metric) & (probes["task"] == task)).any()]
+    if not panels:
+        raise NoData("The curve over eps needs the sensitivity rows' mean accuracy or held-out NLL.")
+    sides = _ordered(probes["side"].dropna().unique(), SIDES)
+    groups = sorted(pd.to_numeric(probes["group"]).dropna().astype(int).unique())
+    colors = dict(zip(groups, sns.color_palette("viridis", len(groups))))
+    with style():
+        fig = Figure(figsize=(4.6 * len(sides), 3.4 * len(panels)), layout="constrained")
+        grid = fig.subplots(len(panels), len(sides), sharex=True, squeeze=False)
+        for row, (metric, task, label) in zip(grid, panels):
+            for ax, side in zip(row, sides):
+                chosen = probes[(probes["metric"] == metric) & (probes["task"] == task) & (probes["side"] == side)]
+                for group, part in chosen.groupby(pd.to_numeric(chosen["group"]).astype(int)):
+                    stats = part.groupby(pd.to_numeric(part["eps"]))["value"].mean().sort_index()
+                    ax.plot(stats.index, stats.values, marker="o", ms=3, color=colors[group], label=f"group {group}")
+                ax.set_xscale("log")
+                ax.set(xlabel="eps (share of ||W||_F)", ylabel=label, title=f"{side} side")
+        grid[0][0].legend(fontsize="x-small", ncol=2, title="energy group (0 = top)")
+        _suptitle(fig, "Sensitivity of each energy group against the perturbation strength")
+    return fig
+
+
+def _strengths(probes: pd.DataFrame) -> list[float | None]:
+    """The distinct perturbation strengths of sensitivity rows, ascending; [None] when the rows do not say."""
+    if "eps" not in probes.columns or probes["eps"].isna().all():
+        return [None]
+    return sorted(pd.to_numeric(probes["eps"]).dropna().unique())
 
 
 def edit_metrics_by_round(rows: pd.DataFrame, metrics: Sequence[str] | None = None, ncols: int = 4) -> Figure:
@@ -623,6 +665,7 @@ def plot_run(run_dir: Path, ss_rounds: int = 10, formats: Sequence[str] = FORMAT
     written: list[Path] = []
     drawers = (
         ("concentration", concentration_curve), ("sensitivity", sensitivity_by_group),
+        ("sensitivity_by_eps", sensitivity_by_eps),
         ("drift_overview", drift_overview), ("edit_metrics", edit_metrics_by_round), ("ls", ls_by_round),
         ("norm_growth", norm_growth),
         ("tsne", tsne_scatter), ("tau_sweep", tau_sweep), ("energy_spectrum", energy_spectrum),

@@ -73,11 +73,14 @@ def test_concentration_restores_weights_and_draws_its_figure(world_model, tmp_pa
 def test_sensitivity_covers_every_group_and_side(world_model, tmp_path):
     out = tmp_path / "sensitivity"
     invoke("sensitivity", "--model", str(world_model), "--sites", "mlp.down@1", "--seeds", "1",
-           "--items-per-task", "8", "--out", str(out))
+           "--items-per-task", "8", "--eps", "0.1,1", "--out", str(out))
     rows = load_run(out).rows
     perturbed = rows[rows["group"] >= 0]
     assert set(perturbed["side"]) == {"input", "output"}
     assert perturbed["group"].nunique() >= 5
+    assert set(perturbed["eps"]) == {0.1, 1.0}
+    assert perturbed.groupby("eps").size().nunique() == 1, "every strength covers the same groups, sides and tasks"
+    assert (out / "figures" / "sensitivity_by_eps.png").is_file()
 
 
 def test_bad_options_fail_before_any_work_with_one_paragraph(world_model, tmp_path):

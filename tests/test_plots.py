@@ -141,6 +141,32 @@ def test_sensitivity_labels_groups() -> None:
     assert labels[0] == "0-10%" and labels[-1] == "90-100%"
 
 
+def sensitivity_rows_over_eps() -> pd.DataFrame:
+    """Two strengths: at eps 0.1 no group matters; at eps 1 the top group (0) costs the most, the bottom nothing."""
+    rows = [{"experiment": "sensitivity", "side": s, "group": g, "seed": 0, "eps": eps, "task": "mean",
+             "metric": "accuracy", "value": 1.0 if eps == 0.1 else 0.5 + 0.05 * g}
+            for s, g, eps in itertools.product(("input", "output"), range(10), (0.1, 1.0))]
+    base = [{"experiment": "sensitivity", "group": -1, "baseline": True, "task": "mean", "metric": "accuracy",
+             "value": 1.0}]
+    return _frame(rows + base)
+
+
+def test_several_strengths_give_a_row_of_panels_each_and_the_curve_over_eps() -> None:
+    """A sensitivity run over several eps: one row of side panels per eps, and the curve of each group over eps."""
+    rows = sensitivity_rows_over_eps()
+    by_group = plots.sensitivity_by_group(rows)
+    titles = [ax.get_title() for ax in by_group.axes]
+    assert titles == ["input side, eps 0.1", "output side, eps 0.1", "input side, eps 1", "output side, eps 1"]
+    assert set(by_group.axes[2].get_lines()[0].get_ydata()) == {0.5 + 0.05 * g for g in range(10)}
+    curve = plots.sensitivity_by_eps(rows)
+    lines = curve.axes[0].get_lines()
+    assert len(lines) == 10 and curve.axes[0].get_xscale() == "log"
+    assert list(lines[0].get_xdata()) == [0.1, 1.0] and list(lines[0].get_ydata()) == [1.0, 0.5]
+    assert list(lines[9].get_ydata()) == [1.0, 0.95]
+    with pytest.raises(plots.NoData, match="several --eps"):
+        plots.sensitivity_by_eps(rows[rows["eps"] != 1.0])
+
+
 def test_concentration_uses_run_mean_and_baseline_rows() -> None:
     """The run's own "mean" task is the thick line, and flagged baseline rows give the dashed line."""
     ax = plots.concentration_curve(concentration_rows()).axes[0]

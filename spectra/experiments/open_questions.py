@@ -80,7 +80,7 @@ def attention_rows(config: OpenQuestionsConfig, runs: Path) -> pd.DataFrame:
         common = dict(model=config.model, seed=seed, sites=config.kinds, by_kind=True, general=general)
         paths = [run_concentration(ConcentrationConfig(**common, fractions=list(config.fractions),
                                                        out=runs / f"concentration-seed{seed}"), False, False),
-                 run_sensitivity(SensitivityConfig(**common, eps=config.eps, seeds=1,
+                 run_sensitivity(SensitivityConfig(**common, eps=[config.eps], seeds=1,
                                                    out=runs / f"sensitivity-seed{seed}"), False, False)]
         frames += [load_run(path).rows.assign(seed=seed) for path in paths]
     return pd.concat(frames, ignore_index=True)

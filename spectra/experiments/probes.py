@@ -70,7 +70,8 @@ class SensitivityConfig(CommonOptions):
 
     sites: str | None = None
     side: str = "both"
-    eps: float = 0.1
+    #: perturbation strengths, each relative to ||W||_F unless eps_absolute; several draw the curve over eps
+    eps: list[float] = field(default_factory=lambda: [0.1])
     eps_absolute: bool = False
     seeds: int = 3
     groups: int = 10
@@ -81,8 +82,8 @@ class SensitivityConfig(CommonOptions):
     def validate(self) -> None:
         if self.side not in ("input", "output", "both"):
             raise SpectraError(f"--side must be input, output or both, not {self.side!r}.")
-        if not (self.eps >= 0.0 and self.eps < float("inf")):
-            raise SpectraError(f"--eps must be a finite number >= 0; got {self.eps}.")
+        if not self.eps or not all(0.0 <= eps < float("inf") for eps in self.eps):
+            raise SpectraError(f"--eps must be one or more finite numbers >= 0 (comma-separated); got {self.eps}.")
         if self.seeds < 1 or self.groups < 2:
             raise SpectraError(f"--seeds must be >= 1 and the number of groups >= 2 (got {self.seeds}, {self.groups}).")
 
@@ -199,21 +200,22 @@ def run_sensitivity(config: SensitivityConfig, progress: bool = True, figures: b
     probe = _Probe.open("sensitivity", config, progress)
     model, originals, spectra, writer = probe.model, probe.originals, probe.spectra, probe.writer
     groups = {site: spectra[site].groups(config.groups) for site in probe.sites}
-    jobs = [(kind, sites, side, group, seed) for kind, sites in probe.groups(config.by_kind) for side in config.sides()
-            for group in range(config.groups) for seed in range(config.seeds)]
+    jobs = [(kind, sites, strength, side, group, seed) for kind, sites in probe.groups(config.by_kind)
+            for strength in config.eps for side in config.sides() for group in range(config.groups)
+            for seed in range(config.seeds)]
     with writer.running():
         probe.record(experiment="sensitivity", side=None, group=-1, seed=None, baseline=True)
-        for kind, sites, side, group, seed in _progress(jobs, "sensitivity", progress):
+        for kind, sites, strength, side, group, seed in _progress(jobs, "sensitivity", progress):
             generator = torch.Generator(device=spectra[sites[0]].U.device).manual_seed(config.seed * 10_007 + seed)
             touched = [site for site in sites if groups[site][group].numel()]
             if not touched:
                 continue
             with restored(model, originals):
                 for site in touched:
-                    eps = config.eps if config.eps_absolute else config.eps * spectra[site].fro_norm
-                    delta = group_perturbation(spectra[site], groups[site][group], side, eps, generator)
+                    norm = strength if config.eps_absolute else strength * spectra[site].fro_norm
+                    delta = group_perturbation(spectra[site], groups[site][group], side, norm, generator)
                     model.adapter.write(site, originals[site].float() + delta.to(originals[site].device))
-                probe.record(experiment="sensitivity", side=side, group=group, seed=seed, eps=config.eps,
+                probe.record(experiment="sensitivity", side=side, group=group, seed=seed, eps=strength,
                              baseline=False, kind=kind)
         return _plotted(writer.finalize(), figures)
 
