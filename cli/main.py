@@ -290,8 +290,9 @@ def concentration(
 def sensitivity(
     model: str = MODEL, sites: str = SITES,
     side: str = typer.Option("both", help="input (Eq. 2: remap v_j of a group), output (App. F.1: remap u_i) or both."),
-    eps: str = typer.Option("0.1", help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute; "
-                            "several (0.1,0.3,1) add the curve over eps (figure sensitivity_by_eps)."),
+    eps: str = typer.Option("1", help="Perturbation Frobenius norm, relative to ||W||_F unless --eps-absolute "
+                            "(1: where the tiny model's energy groups differ; at 0.1 none matters); several "
+                            "(0.1,0.3,1,3) add the curve over eps (figure sensitivity_by_eps)."),
     eps_absolute: bool = typer.Option(False, "--eps-absolute", help="Read --eps as an absolute Frobenius norm."),
     seeds: int = typer.Option(3, help="Random perturbations per group."),
     by_kind: bool = BY_KIND, tasks: str = TASKS, items_per_task: int = ITEMS, glue_dir: Path = GLUE_DIR, fmt: str = FORMAT,

@@ -70,8 +70,11 @@ class SensitivityConfig(CommonOptions):
 
     sites: str | None = None
     side: str = "both"
-    #: perturbation strengths, each relative to ||W||_F unless eps_absolute; several draw the curve over eps
-    eps: list[float] = field(default_factory=lambda: [0.1])
+    #: perturbation strengths, each relative to ||W||_F unless eps_absolute; several draw the curve over eps.
+    #: 1.0 by default: on the tiny model every group leaves every task at 1.00 at eps 0.1 (and 0.3 costs
+    #: at most 0.4 %), while at 1.0 the top input group costs 20 % of the mean accuracy and doubles the
+    #: held-out NLL (0.91 -> 2.41) and the bottom group costs nothing (curve over 0.1-3 in the README)
+    eps: list[float] = field(default_factory=lambda: [1.0])
     eps_absolute: bool = False
     seeds: int = 3
     groups: int = 10

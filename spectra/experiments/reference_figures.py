@@ -19,6 +19,7 @@ SHOWN = {
     "energy_spectrum": ("spectrum", "energy_spectrum.png"),
     "concentration": ("concentration", "concentration.png"),
     "sensitivity": ("sensitivity", "sensitivity.png"),
+    "sensitivity_by_eps": ("sensitivity", "sensitivity_by_eps.png"),
     "drift_edit_metrics": ("drift", "edit_metrics.png"),
     "drift_ls": ("drift", "ls.png"),
     "drift_norms": ("drift", "norm_growth.png"),
@@ -38,7 +39,7 @@ def regenerate(target: Path) -> dict[str, Path]:
     made = {
         "spectrum": run_spectrum(SpectrumConfig(out=runs / "spectrum", sites="mlp.up,mlp.gate,mlp.down"))[0],
         "concentration": run_concentration(ConcentrationConfig(out=runs / "concentration")),
-        "sensitivity": run_sensitivity(SensitivityConfig(out=runs / "sensitivity")),
+        "sensitivity": run_sensitivity(SensitivityConfig(out=runs / "sensitivity", eps=[0.1, 0.3, 1.0, 3.0])),
         "trace": run_trace(TraceConfig(out=runs / "trace")),
         "drift": run_drift(DriftConfig(out=runs / "drift", tsne=True)),
         "sweep": run_drift(DriftConfig(out=runs / "sweep", rounds=5, batch_size=50, tau=[0.05, 0.1, 0.2, 0.3],
