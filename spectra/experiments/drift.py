@@ -705,7 +705,6 @@ def run_edits(config: DriftConfig, experiment: EditExperiment, progress: bool = 
         print(inputs.hparams.ignored_note(), file=sys.stderr)
     if config.resume is not None:
         check_same_hparams(config.resume, inputs.hparams)
-    if config.resume is not None:
         writer, checkpoint = resume_run(config.resume, command, config, extendable=frozenset({"rounds"}))
         if checkpoint.note:
             print(checkpoint.note, file=sys.stderr)
