@@ -452,6 +452,36 @@ def capacity(
 
 @app.command()
 @friendly_errors
+def editability(
+    model: str = MODEL, editor: str = EDITOR, dataset: str = DATASET,
+    edits: int = typer.Option(10, help="Single edits, each made from the original weights (the dataset's first "
+                              "records, or a --seed shuffle with --shuffle-records)."),
+    facts: int = typer.Option(50, help="Facts (a seeded sample of the dataset) traced and scored for calibration."),
+    noise: float = typer.Option(3.0, help="The trace's noise on the subject's embeddings, in stds of the embedding "
+                                "matrix."),
+    shuffle_records: bool = SHUFFLE,
+    stats_corpus: Path = STATS_CORPUS, stats: Path = STATS, hparams: Path = HPARAMS, hparams_set: list[str] = HPARAMS_SET,
+    skip_bad_records: bool = SKIP_BAD, fmt: str = FORMAT,
+    device: str = DEVICE, dtype: str = DTYPE, seed: int = SEED, out: Path = OUT, allow_download: bool = ALLOW_DOWNLOAD,
+    device_map: str = DEVICE_MAP,
+) -> None:
+    """Does the model hold facts where the editor writes, and what does one edit cost? (The LLM-like targets.)"""
+    from spectra.experiments.editability import EditabilityConfig, editability_table, run_editability
+    from spectra.results import load_run
+
+    check_format(fmt)
+    config = EditabilityConfig(model=model, device=device, dtype=dtype, seed=seed, out=out,
+                               allow_download=allow_download, device_map=device_map, editor=editor, dataset=dataset,
+                               edits=edits, facts=facts, noise=noise, shuffle_records=shuffle_records,
+                               stats_corpus=stats_corpus, stats=stats, hparams=hparams,
+                               hparams_set=list(hparams_set or []), skip_bad_records=skip_bad_records)
+    path = run_editability(config)
+    show(editability_table(load_run(path).rows), fmt)
+    note(f"run directory: {path}", fmt)
+
+
+@app.command()
+@friendly_errors
 def plot(run_dir: Path = typer.Argument(..., help="A finished run directory."),
          pdf: bool = typer.Option(False, "--pdf", help="Write every figure as PDF too (PNG only by default).")) -> None:
     """Redraw every figure of a run from its directory alone (no model needed)."""

@@ -153,6 +153,25 @@ GLOSSARY: dict[str, Metric] = {
     "trace_probability": Metric("fraction", "P(true object) with one clean block output restored at a position "
                                 "(layer column), or clean / corrupted baselines (layer empty).",
                                 "ROME causal tracing (Meng et al. 2022, Fig. 1)"),
+    # -- editability ---------------------------------------------------------------------------
+    "trace_recovery": Metric("fraction", "(trace_probability - corrupted) / (clean - corrupted): the share of the fact "
+                             "one restored block output brings back.", "ROME causal tracing; spectra"),
+    "p_true": Metric("fraction", "P(target_true) after a record's rewrite prompt, before editing (whole "
+                     "continuation).", "ENCORE Table 1 (calibration of the original fact)"),
+    "p_new": Metric("fraction", "P(target_new) after a record's rewrite prompt, before editing.", "ENCORE Table 1"),
+    "mlp_share_subject": Metric("ratio", "||W k|| / ||h|| at the subject's last token: the edited MLP's write against "
+                                "its block's output (mean over records).", "spectra (editing regime)"),
+    "subject_key_ratio": Metric("ratio", "RMS ||k|| at the subject's last token / RMS ||k|| over the statistics "
+                                "corpus (sqrt tr C).", "spectra (editing regime)"),
+    "covariance_fill": Metric("fraction", "Share of the key covariance C's eigenvalues above 1e-4 of the largest.",
+                              "spectra (editing regime)"),
+    "write_demand": Metric("ratio", "One edit: ||dW k|| / ||W k||, the change asked of the MLP's own output at the "
+                           "subject.", "spectra (`edit_cost`)"),
+    "key_gain": Metric("fraction", "||W k|| / (||k|| sigma_1(W)): W's gain on the subject key against its top gain.",
+                       "spectra (`edit_cost`)"),
+    "off_key_excess": Metric("ratio", "One edit: ||dW||_2 ||k|| / ||dW k|| >= 1, how much more the update stretches "
+                             "another direction than the key; delta_spectral_rel = write_demand x key_gain x "
+                             "off_key_excess.", "spectra (`edit_cost`)"),
 }
 
 

@@ -28,7 +28,8 @@ def run_dir_of(output: str) -> Path:
 
 def test_models_and_help_list_every_command():
     result = invoke("--help")
-    for command in ("models", "spectrum", "concentration", "sensitivity", "trace", "drift", "plot", "data", "train-tiny"):
+    for command in ("models", "spectrum", "concentration", "sensitivity", "trace", "editability", "drift", "plot", "data",
+                    "train-tiny"):
         assert command in result.output
     drift_help = " ".join(invoke("drift", "--help").output.split())
     assert "[default: runs/<time>-<command>]" in drift_help, "option defaults must show in --help"

@@ -55,6 +55,13 @@ class Delta:
         gram = (self.left.T @ self.left) * (self.right.T @ self.right)
         return float(gram.sum().clamp_min(0).sqrt())
 
+    def spectral_norm(self) -> float:
+        """||dW||_2 without forming dW when factored: with L = Q_l R_l and R = Q_r R_r, ||dW||_2 = ||R_l R_r^T||_2."""
+        if self.dense is not None:
+            return float(torch.linalg.matrix_norm(self.dense.double(), ord=2))
+        core = torch.linalg.qr(self.left.double()).R @ torch.linalg.qr(self.right.double()).R.T
+        return float(torch.linalg.matrix_norm(core, ord=2))
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Delta":
         if self.dense is not None:
             return Delta(dense=self.dense.to(device=device, dtype=dtype))

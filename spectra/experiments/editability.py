@@ -1,0 +1,296 @@
+"""``spectra editability``: does a model hold facts where MEMIT assumes, and what does one edit cost it?
+
+A model edits like a pretrained LLM when its facts sit in the MLPs of the edited blocks at the
+subject's last token and one edit moves each edited weight by a small part of its spectral norm.
+This command measures both on the unedited model, with the editor's own hyperparameters:
+
+- **storage**: calibration (P(true object) before editing), the causal trace as the share of the
+  clean-corrupted gap that one restored block output recovers, and at every edited block the MLP's
+  write at the subject against the hidden state, the subject keys against the corpus keys, and how
+  many directions the key covariance C fills;
+- **cost**: single edits, each from the original weights, with ``||dW||_2 / sigma_1(W)`` per site
+  split exactly into three factors (``edit_cost``), so a reader sees which one is out of range.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spectra.data.records import EditRequest
+from spectra.editing.core import key_rows, keys_and_hidden
+from spectra.editing.stats_import import ImportedStatistics
+from spectra.errors import SpectraError
+from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
+from spectra.evaluation.tracing import causal_trace
+from spectra.experiments.common import open_model
+from spectra.experiments.drift import DriftConfig, drift_inputs
+from spectra.experiments.probes import restored
+from spectra.glossary import with_units
+from spectra.models.hooks import capture_hidden, capture_inputs
+from spectra.models.loading import LoadedModel
+from spectra.models.sites import Site
+from spectra.models.tokens import pad_right, subject_last_index
+from spectra.results import check_run_target, create_run
+from spectra.spectral import Delta
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: A block "holds" a fact in the trace when restoring its output recovers at least this share of the
+#: clean-corrupted gap (spectra's reading of the issue's "strong" trace).
+STRONG_RECOVERY = 0.5
+#: An eigenvalue of C counts as a filled direction above this share of the largest one.
+FILL_THRESHOLD = 1e-4
+
+#: The targets of an LLM-like editing regime (issue "An embedded model that edits like a pretrained LLM").
+TARGETS = {
+    "trace": "strong (recovery >= 0.5) over >= 3 consecutive blocks at the subject's last token",
+    "mlp_share_subject": ">= 0.10 at every edited block",
+    "subject_key_ratio": ">= 0.5 at every edited block",
+    "covariance_fill": ">= 0.5 at every edited block",
+    "p_true": "median 0.3-0.8",
+    "delta_spectral_rel": "a whole round <= 0.1 at every edited site (one edit: well below that)",
+}
+
+
+@dataclass
+class EditabilityConfig(DriftConfig):
+    """Options of ``spectra editability``: drift's editor, dataset and hyperparameter options, and the sample sizes.
+
+    ``edits`` single edits are made one at a time from the original weights (the first records, or a
+    --seed shuffle of them with --shuffle-records); ``facts`` records (a seeded sample) are traced and
+    scored for calibration.
+    """
+
+    edits: int = 10
+    facts: int = 50
+    noise: float = 3.0
+
+    def __post_init__(self) -> None:
+        """One 'round' of ``edits`` records is what drift's input checks count; there are no REVIVE arms."""
+        super().__post_init__()
+        self.rounds, self.batch_size, self.revive, self.represent_prompts = 1, self.edits, "off", 0
+
+    def validate(self) -> None:
+        """Sample sizes that measure something (checked first: drift's round count derives from them), then drift's checks."""
+        if self.edits < 1 or self.facts < 1:
+            raise SpectraError(f"--edits and --facts must be at least 1 (got {self.edits}, {self.facts}).")
+        if self.noise < 0:
+            raise SpectraError(f"--noise is a multiple of the embeddings' std and must be non-negative; got {self.noise}.")
+        super().validate()
+
+
+def edit_cost(weight: torch.Tensor, key: torch.Tensor, delta: Delta, sigma1: float) -> dict[str, float]:
+    """``||dW||_2 / sigma_1`` of one edit at one site and its exact factors (their product is the ratio).
+
+    - ``write_demand`` = ||dW k|| / ||W k||: how many times the MLP's own output at the subject the
+      edit changes it by;
+    - ``key_gain`` = ||W k|| / (||k|| sigma_1): how strongly W acts on the subject key, against its
+      strongest direction (1: the key is W's top right singular vector);
+    - ``off_key_excess`` = ||dW||_2 ||k|| / ||dW k|| >= 1: how much more the update stretches some
+      other direction than the key it was solved for (large when the solve spends norm in directions
+      the corpus keys barely use).
+    """
+    W, k = weight.double(), key.double().reshape(-1)
+    update = delta.to(dtype=torch.float64, device=W.device)
+    written = update.to_dense() @ k if not update.is_factored else update.left @ (update.right.T @ k)
+    own, moved, key_norm = float((W @ k).norm()), float(written.norm()), float(k.norm())
+    norm = update.spectral_norm()
+    if min(own, moved, key_norm, sigma1) <= 0:
+        raise SpectraError("An edit cost needs a non-zero key, MLP output, written change and sigma_1.")
+    return {"delta_spectral_rel": norm / sigma1, "write_demand": moved / own, "key_gain": own / (key_norm * sigma1),
+            "off_key_excess": norm * key_norm / moved}
+
+
+class _CostRecorder:
+    """A pass-through site filter that records each site's edit cost just before the editor writes it.
+
+    It is called after the solve with the model as the editor sees it (the lower layers' updates
+    already written), so the key it reads is the one the editor solved for.
+    """
+
+    def __init__(self, model: LoadedModel, request: EditRequest, templates: Sequence[str], key_position: str,
+                 batch_size: int, sigma1: dict[Site, float]) -> None:
+        self.model = model
+        self.rows = key_rows(model, [request], templates, key_position)
+        self.batch_size = batch_size
+        self.sigma1 = sigma1
+        self.costs: dict[Site, dict[str, float]] = {}
+
+    def begin_round(self, model: LoadedModel) -> None:
+        """Nothing to rebuild: the recorder only looks."""
+
+    def __call__(self, site: Site, delta: Delta) -> Delta:
+        keys, _ = keys_and_hidden(self.model, self.rows, [site.layer], None, self.batch_size)
+        weight = self.model.adapter.read(site)
+        self.costs[site] = edit_cost(weight, keys[site.layer][:, 0], delta, self.sigma1[site])
+        return delta
+
+
+def calibration_rows(model: LoadedModel, records: Sequence[dict]) -> list[dict]:
+    """P(target_true) and P(target_new) after each record's rewrite prompt, before any edit (whole continuations)."""
+    tokenizer = model.tokenizer
+    pairs = []
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        prompt = rewrite["prompt"].format(rewrite["subject"])
+        pairs += [(prompt, rewrite["target_true"]["str"]), (prompt, rewrite["target_new"]["str"])]
+    scores = score_continuations(model.model, encode_pairs(tokenizer, pairs), pad_id_of(tokenizer))
+    rows = []
+    for i, record in enumerate(records):
+        for metric, score in (("p_true", scores[2 * i]), ("p_new", scores[2 * i + 1])):
+            rows.append({"metric": metric, "case_id": record["case_id"], "value": math.exp(-float(score.token_nll.sum()))})
+    return rows
+
+
+def trace_rows(model: LoadedModel, records: Sequence[dict], noise: float, seed: int) -> list[dict]:
+    """The causal trace's probabilities, and per block and position the share of the clean-corrupted gap recovered."""
+    trace = causal_trace(model, records, noise_scale=noise, seed=seed)
+    rows = [{"metric": "trace_probability", "position": r["position"], "layer": r["layer"], "value": r["probability"]}
+            for r in trace.rows()]
+    gap = trace.clean - trace.corrupted
+    if gap > 0:
+        rows += [{"metric": "trace_recovery", "position": position, "layer": layer,
+                  "value": (p - trace.corrupted) / gap}
+                 for position, values in trace.restored.items() for layer, p in enumerate(values)]
+    return rows
+
+
+@torch.no_grad()
+def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[int, torch.Tensor],
+                 sites: Sequence[Site]) -> list[dict]:
+    """At each edited site, over the records' rewrite prompts at the subject's last token (means over records).
+
+    ``mlp_share_subject`` = ||W k|| / ||h|| (the MLP's write against the block's output), and
+    ``subject_key_ratio`` = RMS ||k|| at the subject / RMS ||k|| over the corpus (sqrt tr C);
+    ``covariance_fill`` = share of C's eigenvalues above ``FILL_THRESHOLD`` of the largest.
+    """
+    tokenizer = model.tokenizer
+    ids, positions = [], []
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        ids.append(tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"])
+        positions.append(subject_last_index(tokenizer, rewrite["prompt"], rewrite["subject"]))
+    batch = pad_right(ids, pad_id_of(tokenizer))
+    layers = sorted({site.layer for site in sites})
+    hidden: dict[int, torch.Tensor] = {}
+    with capture_inputs(model, layers) as keys:
+        for layer in layers:
+            with capture_hidden(model, layer) as states:
+                model.model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
+            hidden[layer] = states[layer]
+    at, pos = torch.arange(len(ids), device=model.device), torch.tensor(positions, device=model.device)
+    rows = []
+    for site in sites:
+        k = keys[site.layer][at, pos].double()
+        writes = k @ model.adapter.read(site).double().T
+        h = hidden[site.layer][at, pos].double()
+        C = covariances[site.layer].double()
+        eigenvalues = torch.linalg.eigvalsh(C)
+        values = {
+            "mlp_share_subject": float((writes.norm(dim=1) / h.norm(dim=1)).mean()),
+            "subject_key_ratio": float(k.pow(2).sum(1).mean().sqrt() / torch.trace(C).clamp_min(0).sqrt()),
+            "covariance_fill": float((eigenvalues > FILL_THRESHOLD * eigenvalues.max()).double().mean()),
+        }
+        rows += [{"metric": metric, "site": str(site), "layer": site.layer, "value": value} for metric, value in values.items()]
+    return rows
+
+
+def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
+    """Measure storage and single-edit costs on the unedited model; write them as a finished run."""
+    from rich.progress import track
+
+    from spectra.editing import make_editor
+
+    config.validate()
+    check_run_target(config.out)
+    inputs = drift_inputs(config)
+    writer = create_run("editability", config, out=config.out, provenance=inputs.provenance)
+    with writer.running():
+        model = open_model(config, inputs.tokenizer)
+        imported = ImportedStatistics(inputs.statistics) if inputs.statistics is not None else None
+
+        def new_editor() -> Any:
+            return make_editor(config.editor, hparams=inputs.hparams.hparams, corpus=inputs.corpus,
+                               statistics=imported, progress=progress)
+
+        editor = new_editor()
+        sites = editor.edited_sites(model)
+        originals = {site: model.adapter.read(site).clone() for site in sites}
+        sigma1 = {site: float(torch.linalg.matrix_norm(w.double(), ord=2)) for site, w in originals.items()}
+        facts = random.Random(config.seed).sample(inputs.records, min(config.facts, len(inputs.records)))
+        rows = calibration_rows(model, facts) + trace_rows(model, facts, config.noise, config.seed)
+        covariances = editor.statistics.second_moments(model, sorted({s.layer for s in sites}))
+        rows += storage_rows(model, facts, covariances, sites)
+        for record in track(inputs.records[: config.edits], description="single edits", disable=not progress):
+            rows += _single_edit_rows(model, new_editor(), record, originals, sigma1)
+        writer.add_rows(with_units({"experiment": "editability", "editor": config.editor, **row} for row in rows))
+        return writer.finalize()
+
+
+def _single_edit_rows(model: LoadedModel, editor: Any, record: dict, originals: dict[Site, torch.Tensor],
+                      sigma1: dict[Site, float]) -> list[dict]:
+    """One edit from the original weights: its cost per site and whether it took (efficacy 100 or 0)."""
+    request = EditRequest.from_counterfact(record)
+    with restored(model, originals):
+        editor.prepare(model, [request])
+        recorder = _CostRecorder(model, request, editor.templates, editor.hparams.key_position,
+                                 editor.hparams.batch_size, sigma1)
+        editor.apply_round(model, [request], recorder)
+        p_true, p_new = (row["value"] for row in calibration_rows(model, [record]))
+    missing = [str(site) for site in originals if site not in recorder.costs]
+    if missing:
+        raise SpectraError(f"The {editor.name} editor wrote {', '.join(missing)} without passing the update through "
+                           "its site filter, so its cost could not be measured.")
+    rows = [{"metric": metric, "site": str(site), "layer": site.layer, "case_id": record["case_id"], "value": value}
+            for site, cost in recorder.costs.items() for metric, value in cost.items()]
+    return rows + [{"metric": "efficacy", "case_id": record["case_id"], "value": 100.0 if p_new > p_true else 0.0}]
+
+
+def editability_table(rows: "pd.DataFrame") -> "pd.DataFrame":
+    """The run against the LLM-like targets: one line per quantity, with what is required and what was measured."""
+    import pandas as pd
+
+    def values(metric: str) -> "pd.DataFrame":
+        return rows[rows["metric"] == metric]
+
+    def per_site(metric: str, how: str = "mean") -> str:
+        found = values(metric).groupby("site")["value"].agg(how)
+        return ", ".join(f"{value:.3g} ({site})" for site, value in found.items())
+
+    recovery = values("trace_recovery")
+    subject = recovery[recovery["position"] == "subject_last"].sort_values("layer")
+    strong = [int(layer) for layer in subject.loc[subject["value"] >= STRONG_RECOVERY, "layer"]]
+    trace = ", ".join(f"{v:.2f}" for v in subject["value"]) + f" (blocks 0-{len(subject) - 1}); longest strong run " \
+        f"{_longest_run(strong)} block(s)" if len(subject) else "no trace (the corrupted run kept the fact)"
+    p_true = values("p_true")["value"]
+    lines = [
+        ("causal trace, recovery at the subject's last token", TARGETS["trace"], trace),
+        ("MLP write / hidden state at the subject", TARGETS["mlp_share_subject"], per_site("mlp_share_subject")),
+        ("subject keys / corpus keys (RMS)", TARGETS["subject_key_ratio"], per_site("subject_key_ratio")),
+        ("key-covariance fill", TARGETS["covariance_fill"], per_site("covariance_fill")),
+        ("P(true) before editing", TARGETS["p_true"],
+         f"median {p_true.median():.3g} (q10 {p_true.quantile(0.1):.3g}, q90 {p_true.quantile(0.9):.3g})"),
+        ("one edit: ||dW||_2 / sigma_1, median", TARGETS["delta_spectral_rel"], per_site("delta_spectral_rel", "median")),
+        ("  = write_demand (||dW k|| / ||W k||), median", "", per_site("write_demand", "median")),
+        ("  x key_gain (||W k|| / (||k|| sigma_1)), median", "", per_site("key_gain", "median")),
+        ("  x off_key_excess (||dW||_2 ||k|| / ||dW k||), median", "", per_site("off_key_excess", "median")),
+        ("one edit: efficacy", "", f"{values('efficacy')['value'].mean():.0f} % of {len(values('efficacy'))} edits"),
+    ]
+    return pd.DataFrame(lines, columns=["quantity", "target", "measured"])
+
+
+def _longest_run(layers: Sequence[int]) -> int:
+    """The length of the longest run of consecutive integers in ascending ``layers``."""
+    best = current = 0
+    for i, layer in enumerate(layers):
+        current = current + 1 if i and layer == layers[i - 1] + 1 else 1
+        best = max(best, current)
+    return best
