@@ -169,6 +169,9 @@ GLOSSARY: dict[str, Metric] = {
                            "subject.", "spectra (`edit_cost`)"),
     "key_gain": Metric("fraction", "||W k|| / (||k|| sigma_1(W)): W's gain on the subject key against its top gain.",
                        "spectra (`edit_cost`)"),
+    "key_gain_isotropic": Metric("fraction", "||W||_F / (sqrt(n) sigma_1(W)): key_gain's RMS over isotropic random "
+                                 "keys, its reference (a Gaussian m x n matrix: about sqrt(m) / (sqrt(m) + sqrt(n))).",
+                                 "spectra (`isotropic_key_gain`)"),
     "off_key_excess": Metric("ratio", "One edit: ||dW||_2 ||k|| / ||dW k|| >= 1, how much more the update stretches "
                              "another direction than the key; delta_spectral_rel = write_demand x key_gain x "
                              "off_key_excess.", "spectra (`edit_cost`)"),

@@ -103,3 +103,14 @@ def test_the_command_prints_the_targets_and_refuses_bad_sizes(world_model, tmp_p
         assert line in result.output
     bad = runner.invoke(app, [*args[:5], "--edits", "0", "--device", "cpu"])
     assert bad.exit_code == 2 and "--edits and --facts must be at least 1" in bad.output
+
+
+def test_isotropic_key_gain_is_the_rms_gain_on_random_keys_and_near_the_gaussian_value():
+    from spectra.experiments.editability import isotropic_key_gain
+
+    W = _random(8, 64, 256)
+    keys = _random(9, 256, 20000)
+    sigma1 = float(torch.linalg.matrix_norm(W, ord=2))
+    rms_gain = float(((W @ keys).pow(2).sum(0) / keys.pow(2).sum(0)).mean().sqrt()) / sigma1
+    assert isotropic_key_gain(W) == pytest.approx(rms_gain, rel=0.02)
+    assert isotropic_key_gain(W) == pytest.approx(8 / (8 + 16), rel=0.1)

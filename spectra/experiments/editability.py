@@ -109,6 +109,16 @@ def edit_cost(weight: torch.Tensor, key: torch.Tensor, delta: Delta, sigma1: flo
             "off_key_excess": norm * key_norm / moved}
 
 
+def isotropic_key_gain(weight: torch.Tensor) -> float:
+    """RMS gain of W on isotropic random keys against sigma_1: ||W||_F / (sqrt(n) sigma_1) = sqrt(stable rank / n).
+
+    The reference for ``key_gain``: a subject key that W amplifies more than a random direction
+    reads above it. A Gaussian (out m, in n) matrix gives about sqrt(m) / (sqrt(m) + sqrt(n)).
+    """
+    W = weight.double()
+    return float(W.norm() / (W.shape[1] ** 0.5 * torch.linalg.matrix_norm(W, ord=2)))
+
+
 class _CostRecorder:
     """A pass-through site filter that records each site's edit cost just before the editor writes it.
 
@@ -170,7 +180,8 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
 
     ``mlp_share_subject`` = ||W k|| / ||h|| (the MLP's write against the block's output), and
     ``subject_key_ratio`` = RMS ||k|| at the subject / RMS ||k|| over the corpus (sqrt tr C);
-    ``covariance_fill`` = share of C's eigenvalues above ``FILL_THRESHOLD`` of the largest.
+    ``covariance_fill`` = share of C's eigenvalues above ``FILL_THRESHOLD`` of the largest;
+    ``key_gain_isotropic`` = the key gain random keys would see (``isotropic_key_gain``).
     """
     tokenizer = model.tokenizer
     ids, positions = [], []
@@ -198,6 +209,7 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
             "mlp_share_subject": float((writes.norm(dim=1) / h.norm(dim=1)).mean()),
             "subject_key_ratio": float(k.pow(2).sum(1).mean().sqrt() / torch.trace(C).clamp_min(0).sqrt()),
             "covariance_fill": float((eigenvalues > FILL_THRESHOLD * eigenvalues.max()).double().mean()),
+            "key_gain_isotropic": isotropic_key_gain(model.adapter.read(site)),
         }
         rows += [{"metric": metric, "site": str(site), "layer": site.layer, "value": value} for metric, value in values.items()]
     return rows
@@ -280,7 +292,8 @@ def editability_table(rows: "pd.DataFrame") -> "pd.DataFrame":
          f"median {p_true.median():.3g} (q10 {p_true.quantile(0.1):.3g}, q90 {p_true.quantile(0.9):.3g})"),
         ("one edit: ||dW||_2 / sigma_1, median", TARGETS["delta_spectral_rel"], per_site("delta_spectral_rel", "median")),
         ("  = write_demand (||dW k|| / ||W k||), median", "", per_site("write_demand", "median")),
-        ("  x key_gain (||W k|| / (||k|| sigma_1)), median", "", per_site("key_gain", "median")),
+        ("  x key_gain (||W k|| / (||k|| sigma_1)), median", "isotropic keys: " + per_site("key_gain_isotropic"),
+         per_site("key_gain", "median")),
         ("  x off_key_excess (||dW||_2 ||k|| / ||dW k||), median", "", per_site("off_key_excess", "median")),
         ("one edit: efficacy", "", f"{values('efficacy')['value'].mean():.0f} % of {len(values('efficacy'))} edits"),
     ]
