@@ -87,6 +87,15 @@ def test_per_record_plans_concatenate_to_the_plan_of_all_records(lm: BigramLM, t
         CounterFactPlan.concat([])
 
 
+def test_a_plan_restricted_to_rewrite_prompts_scores_them_as_the_whole_plan_does(lm: BigramLM, tok) -> None:
+    whole = prepare_counterfact(tok, load_counterfact(FIXTURES / "counterfact_small.json"))
+    rewrite = whole.restricted(("rewrite",))
+    assert {ref.prompt_kind for ref in rewrite.refs} == {"rewrite"}
+    assert len(rewrite.refs) == len({ref.case_id for ref in whole.refs}) < len(whole.refs)
+    expected = [row for row in counterfact_rows(lm, whole) if row["prompt_kind"] == "rewrite"]
+    assert counterfact_rows(lm, rewrite) == expected
+
+
 def test_counterfact_rows_match_hand_computed_values(lm: BigramLM, tok) -> None:
     rows = evaluate_counterfact(lm, tok, load_counterfact(FIXTURES / "counterfact_small.json"), batch_size=4)
     assert set(rows[0]) == set(ROW_COLUMNS)

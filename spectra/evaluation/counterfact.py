@@ -7,7 +7,7 @@ every round with nothing but batched forward passes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,12 @@ class CounterFactPlan:
             tuple(ref for plan in plans for ref in plan.refs), tuple(pair for plan in plans for pair in plan.new),
             tuple(pair for plan in plans for pair in plan.true), plans[0].pad_id,
         )
+
+    def restricted(self, kinds: Collection[str]) -> "CounterFactPlan":
+        """The plan's prompts of ``kinds`` only (e.g. ``("rewrite",)``: efficacy without the other prompts' cost)."""
+        keep = [i for i, ref in enumerate(self.refs) if ref.prompt_kind in kinds]
+        return CounterFactPlan(tuple(self.refs[i] for i in keep), tuple(self.new[i] for i in keep),
+                               tuple(self.true[i] for i in keep), self.pad_id)
 
 
 def _prompts(record: Mapping[str, Any]) -> list[tuple[str, int, Pair, Pair | None]]:

@@ -51,7 +51,12 @@ class CapacityConfig(DriftConfig):
 
 
 class RoundEfficacy(EditMetrics):
-    """Efficacy on the edits of the round just made (round 0: the first round's records, before editing)."""
+    """Efficacy on the edits of the round just made (round 0: the first round's records, before editing).
+
+    Only the rewrite prompts are scored: efficacy needs nothing else.
+    """
+
+    kinds = ("rewrite",)
 
     def __init__(self, records: Sequence[dict], batch_size: int, seed: int) -> None:
         super().__init__(records, batch_size, batch_size, seed)

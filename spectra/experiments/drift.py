@@ -251,6 +251,9 @@ class EditMetrics:
     curves affordable (reference evaluation.md, gotcha 19).
     """
 
+    #: the prompt kinds scored (None: every kind a record has)
+    kinds: tuple[str, ...] | None = None
+
     def __init__(self, records: Sequence[dict], batch_size: int, sample: int, seed: int, log_samples: bool = False) -> None:
         self.records = list(records)
         self.batch_size = batch_size
@@ -271,7 +274,8 @@ class EditMetrics:
         for record in records:
             if record["case_id"] not in self.plans:
                 self.plans[record["case_id"]] = prepare_counterfact(model.tokenizer, [record])
-        rows = counterfact_rows(model.model, CounterFactPlan.concat([self.plans[r["case_id"]] for r in records]))
+        plan = CounterFactPlan.concat([self.plans[r["case_id"]] for r in records])
+        rows = counterfact_rows(model.model, plan if self.kinds is None else plan.restricted(self.kinds))
         values = aggregate(rows)
         context = {"arm": arm.name, "tau": arm.tau, "round": round}
         return RoundRecord(rows=[{**context, "metric": EDIT_METRIC_NAMES[name], "value": value}
