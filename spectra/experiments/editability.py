@@ -19,14 +19,17 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from spectra.data.records import EditRequest
+from spectra.editing.base import LocateEditEditor
 from spectra.editing.core import key_rows, keys_and_hidden
 from spectra.editing.stats_import import ImportedStatistics
 from spectra.errors import SpectraError
+from spectra.evaluation.counterfact import counterfact_rows, prepare_counterfact
+from spectra.evaluation.rows import aggregate
 from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
 from spectra.evaluation.tracing import causal_trace
 from spectra.experiments.common import open_model
@@ -229,7 +232,7 @@ def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
         model = open_model(config, inputs.tokenizer)
         imported = ImportedStatistics(inputs.statistics) if inputs.statistics is not None else None
 
-        def new_editor() -> Any:
+        def new_editor() -> LocateEditEditor:
             return make_editor(config.editor, hparams=inputs.hparams.hparams, corpus=inputs.corpus,
                                statistics=imported, progress=progress)
 
@@ -247,23 +250,24 @@ def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
         return writer.finalize()
 
 
-def _single_edit_rows(model: LoadedModel, editor: Any, record: dict, originals: dict[Site, torch.Tensor],
+def _single_edit_rows(model: LoadedModel, editor: LocateEditEditor, record: dict, originals: dict[Site, torch.Tensor],
                       sigma1: dict[Site, float]) -> list[dict]:
-    """One edit from the original weights: its cost per site and whether it took (efficacy 100 or 0)."""
+    """One edit from the original weights: its cost per site and whether it took (efficacy 100 or 0, as drift scores it)."""
     request = EditRequest.from_counterfact(record)
     with restored(model, originals):
         editor.prepare(model, [request])
         recorder = _CostRecorder(model, request, editor.templates, editor.hparams.key_position,
                                  editor.hparams.batch_size, sigma1)
         editor.apply_round(model, [request], recorder)
-        p_true, p_new = (row["value"] for row in calibration_rows(model, [record]))
+        plan = prepare_counterfact(model.tokenizer, [record]).restricted(("rewrite",))
+        efficacy = aggregate(counterfact_rows(model.model, plan))["rewrite_success"]
     missing = [str(site) for site in originals if site not in recorder.costs]
     if missing:
         raise SpectraError(f"The {editor.name} editor wrote {', '.join(missing)} without passing the update through "
                            "its site filter, so its cost could not be measured.")
     rows = [{"metric": metric, "site": str(site), "layer": site.layer, "case_id": record["case_id"], "value": value}
             for site, cost in recorder.costs.items() for metric, value in cost.items()]
-    return rows + [{"metric": "efficacy", "case_id": record["case_id"], "value": 100.0 if p_new > p_true else 0.0}]
+    return rows + [{"metric": "efficacy", "case_id": record["case_id"], "value": efficacy}]
 
 
 def editability_table(rows: "pd.DataFrame") -> "pd.DataFrame":
