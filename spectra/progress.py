@@ -1,11 +1,13 @@
-"""Progress inside a long step (a drift round's z optimisation and observers): a bar with ETA on a terminal only."""
+"""Progress bars: stages inside a long step (a drift round) and probe loops, on a terminal's stderr only."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 #: Called with how many units of a stage are done since the last call.
 Advance = Callable[[int], None]
@@ -50,3 +52,17 @@ class ConsoleStages:
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda done=1: bar.advance(task, done)
+
+
+def progress_iter(items: Iterable[T], description: str, total: int | None = None, enabled: bool | None = None) -> Iterator[T]:
+    """Iterate over ``items`` with a transient rich bar on stderr (shown only on a terminal, or when ``enabled``).
+
+    The bar never goes to stdout, which carries the command's table, CSV or JSON.
+    """
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import track
+
+    yield from track(items, description=description, total=total, console=Console(stderr=True), transient=True)

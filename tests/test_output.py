@@ -69,3 +69,22 @@ def test_progress_bars_report_every_z_step_and_hide_without_a_terminal() -> None
                          kl_factor=0.0625, early_stop_loss=0.0, batch_size=64)
     optimize_targets(model, requests(model, 2), ["{}"], settings, on_step=steps.append)
     assert steps == [1, 1, 1, 1]
+
+
+def test_a_probe_bar_goes_to_a_terminal_stderr_only_and_never_to_stdout(capsys, monkeypatch) -> None:
+    """Without a terminal the items pass through silently; with a bar forced on, stdout still gets nothing."""
+    from spectra.progress import progress_iter
+
+    assert list(progress_iter(range(3), "jobs")) == [0, 1, 2]
+    assert capsys.readouterr() == ("", "")
+    assert list(progress_iter(range(3), "jobs", enabled=True)) == [0, 1, 2]
+    assert capsys.readouterr().out == ""
+
+
+def test_concentration_csv_on_stdout_parses_without_a_progress_bar(world_model, tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["concentration", "--model", str(world_model), "--device", "cpu", "--fractions", "50,100",
+                                 "--items-per-task", "4", "--format", "csv", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "━" not in result.stdout
+    assert len(pd.read_csv(io.StringIO(result.stdout))) >= 2

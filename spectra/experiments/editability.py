@@ -36,6 +36,7 @@ from spectra.experiments.common import open_model
 from spectra.experiments.drift import DriftConfig, drift_inputs
 from spectra.experiments.probes import restored
 from spectra.glossary import with_units
+from spectra.progress import progress_iter
 from spectra.models.hooks import capture_hidden, capture_inputs
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
@@ -220,8 +221,6 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
 
 def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
     """Measure storage and single-edit costs on the unedited model; write them as a finished run."""
-    from rich.progress import track
-
     from spectra.editing import make_editor
 
     config.validate()
@@ -244,7 +243,7 @@ def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
         rows = calibration_rows(model, facts) + trace_rows(model, facts, config.noise, config.seed)
         covariances = editor.statistics.second_moments(model, sorted({s.layer for s in sites}))
         rows += storage_rows(model, facts, covariances, sites)
-        for record in track(inputs.records[: config.edits], description="single edits", disable=not progress):
+        for record in progress_iter(inputs.records[: config.edits], "single edits", enabled=None if progress else False):
             rows += _single_edit_rows(model, new_editor(), record, originals, sigma1)
         writer.add_rows(with_units({"experiment": "editability", "editor": config.editor, **row} for row in rows))
         return writer.finalize()

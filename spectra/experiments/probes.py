@@ -27,6 +27,7 @@ from spectra.experiments.common import (
 from spectra.models.loading import LoadedModel, check_device_map, check_model_source, load_tokenizer, resolve_dtype
 from spectra.models.sites import Site
 from spectra.glossary import with_units
+from spectra.progress import progress_iter
 from spectra.results import RunWriter, check_run_target, create_run
 from spectra.spectral import Spectrum, SpectrumCache, group_perturbation, spectrum_table
 
@@ -187,7 +188,7 @@ def run_concentration(config: ConcentrationConfig, progress: bool = True, figure
     jobs = [(kind, sites, fraction) for kind, sites in probe.groups(config.by_kind) for fraction in sorted(config.fractions)]
     with writer.running():
         probe.record(experiment="concentration", fraction=None, baseline=True)
-        for kind, sites, fraction in _progress(jobs, "concentration", progress):
+        for kind, sites, fraction in progress_iter(jobs, "concentration", enabled=None if progress else False):
             with restored(model, probe.originals):
                 for site in sites:
                     model.adapter.write(site, spectra[site].reconstruct_top_energy(fraction / 100.0))
@@ -208,7 +209,7 @@ def run_sensitivity(config: SensitivityConfig, progress: bool = True, figures: b
             for seed in range(config.seeds)]
     with writer.running():
         probe.record(experiment="sensitivity", side=None, group=-1, seed=None, baseline=True)
-        for kind, sites, strength, side, group, seed in _progress(jobs, "sensitivity", progress):
+        for kind, sites, strength, side, group, seed in progress_iter(jobs, "sensitivity", enabled=None if progress else False):
             generator = torch.Generator(device=spectra[sites[0]].U.device).manual_seed(config.seed * 10_007 + seed)
             touched = [site for site in sites if groups[site][group].numel()]
             if not touched:
@@ -268,13 +269,6 @@ def check_inputs(config: CommonOptions) -> None:
     check_device_map(config.device_map)
     resolve_dtype(config.dtype)
     check_run_target(config.out)
-
-
-def _progress(items: list, label: str, enabled: bool) -> Iterator:
-    """Iterate with a rich progress bar (long probes on real models take minutes)."""
-    from rich.progress import track
-
-    return iter(track(items, description=label, disable=not enabled))
 
 
 def _write(writer: RunWriter, rows: list[dict]) -> Path:
