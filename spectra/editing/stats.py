@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
@@ -228,7 +229,7 @@ def accumulate_second_moments(
         )
     d_k = {layer: model.adapter.shape(Site(layer, "mlp.down"))[1] for layer in layers}
     sums = {layer: torch.zeros(d_k[layer], d_k[layer], dtype=torch.float64, device=model.device) for layer in layers}
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(f"key statistics ({model.name})", total=n_tokens)
         for features, tokens in _key_batches(model, layers, rows, batch_size, batch_tokens):
             for layer in layers:

@@ -166,6 +166,7 @@ def train(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress
 
 def _optimize(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress: bool) -> tuple[torch.nn.Module, list[dict]]:
     """The training loop: AdamW, warm-up + cosine schedule, length-bucketed batches of documents."""
+    from rich.console import Console
     from rich.progress import Progress
 
     # Denormal floats (tiny gradients and Adam moments late in training) slow CPU kernels by
@@ -186,7 +187,7 @@ def _optimize(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, prog
     log: list[dict] = []
     started = time.time()
     pad = tokenizer.pad_token_id
-    with Progress(disable=not progress) as bar:
+    with Progress(disable=not progress, console=Console(stderr=True)) as bar:
         task = bar.add_task("training the tiny model", total=config.steps)
         for step in range(config.steps):
             if not queue:

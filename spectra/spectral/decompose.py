@@ -155,8 +155,9 @@ def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import Progress  # imported only when a bar is asked for
 
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("SVD", total=total)
         yield lambda n: bar.advance(task, n)
