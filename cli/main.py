@@ -334,10 +334,14 @@ def trace(
     from spectra.results import load_run
 
     rows = load_run(path).rows
-    restored = rows.dropna(subset=["layer"]).astype({"layer": int})
-    note("P(true object) with block L's output restored (columns: block L)", fmt)
-    table = restored.pivot_table(index="position", columns="layer", values="value").round(3)
-    show(table.rename(columns=lambda layer: f"block {layer}").reset_index(), fmt)
+    per_block = rows.dropna(subset=["layer"]).astype({"layer": int})
+    for metric, title in (("trace_probability", "P(true object) with block L's output restored (columns: block L)"),
+                          ("trace_recovery", "share of the clean-corrupted gap that block L's output recovers")):
+        chosen = per_block[per_block["metric"] == metric]
+        if len(chosen):
+            note(title, fmt)
+            table = chosen.pivot_table(index="position", columns="layer", values="value").round(3)
+            show(table.rename(columns=lambda layer: f"block {layer}").reset_index(), fmt)
     baselines = rows[rows["layer"].isna()].set_index("position")["value"]
     note(f"clean {baselines['clean']:.3f}   corrupted {baselines['corrupted']:.3f}", fmt)
     note(f"run directory: {path}", fmt)

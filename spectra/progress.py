@@ -54,7 +54,7 @@ class ConsoleStages:
             yield lambda done=1: bar.advance(task, done)
 
 
-def progress_iter(items: Iterable[T], description: str, total: int | None = None, enabled: bool | None = None) -> Iterator[T]:
+def progress_iter(items: Iterable[T], description: str, enabled: bool | None = None) -> Iterator[T]:
     """Iterate over ``items`` with a transient rich bar on stderr (shown only on a terminal, or when ``enabled``).
 
     The bar never goes to stdout, which carries the command's table, CSV or JSON.
@@ -65,4 +65,4 @@ def progress_iter(items: Iterable[T], description: str, total: int | None = None
     from rich.console import Console
     from rich.progress import track
 
-    yield from track(items, description=description, total=total, console=Console(stderr=True), transient=True)
+    yield from track(items, description=description, console=Console(stderr=True), transient=True)

@@ -45,6 +45,15 @@ def test_trace_writes_a_restoration_curve_per_position(world_model, tmp_path):
     curves = rows.dropna(subset=["layer"])
     assert set(curves["position"]) == {"subject_last", "last"} and curves["layer"].nunique() == 4
     assert (out / "figures" / "causal_trace.png").exists()
+    base = rows[rows["layer"].isna()].set_index("position")["value"]
+    probability = curves[curves["metric"] == "trace_probability"].set_index(["position", "layer"])["value"]
+    recovery = curves[curves["metric"] == "trace_recovery"].set_index(["position", "layer"])["value"]
+    if base["clean"] > base["corrupted"]:
+        expected = (probability - base["corrupted"]) / (base["clean"] - base["corrupted"])
+        pd.testing.assert_series_equal(recovery.sort_index(), expected.sort_index(), check_names=False)
+        assert "share of the clean-corrupted gap" in result.output
+    else:
+        assert recovery.empty
     bad = runner.invoke(app, ["trace", "--model", str(world_model), "--facts", "0"])
     assert bad.exit_code == 2 and "--facts must be at least 1" in bad.output
 

@@ -112,5 +112,5 @@ def test_isotropic_key_gain_is_the_rms_gain_on_random_keys_and_near_the_gaussian
     keys = _random(9, 256, 20000)
     sigma1 = float(torch.linalg.matrix_norm(W, ord=2))
     rms_gain = float(((W @ keys).pow(2).sum(0) / keys.pow(2).sum(0)).mean().sqrt()) / sigma1
-    assert isotropic_key_gain(W) == pytest.approx(rms_gain, rel=0.02)
-    assert isotropic_key_gain(W) == pytest.approx(8 / (8 + 16), rel=0.1)
+    assert isotropic_key_gain(W, sigma1) == pytest.approx(rms_gain, rel=0.02)
+    assert isotropic_key_gain(W, sigma1) == pytest.approx(8 / (8 + 16), rel=0.1)

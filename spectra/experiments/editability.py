@@ -34,7 +34,7 @@ from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuati
 from spectra.evaluation.tracing import causal_trace
 from spectra.experiments.common import open_model
 from spectra.experiments.drift import DriftConfig, drift_inputs
-from spectra.experiments.probes import restored
+from spectra.experiments.probes import restored, trace_rows
 from spectra.glossary import with_units
 from spectra.progress import progress_iter
 from spectra.models.hooks import capture_hidden, capture_inputs
@@ -104,7 +104,7 @@ def edit_cost(weight: torch.Tensor, key: torch.Tensor, delta: Delta, sigma1: flo
     """
     W, k = weight.double(), key.double().reshape(-1)
     update = delta.to(dtype=torch.float64, device=W.device)
-    written = update.to_dense() @ k if not update.is_factored else update.left @ (update.right.T @ k)
+    written = update.left @ (update.right.T @ k) if update.is_factored else update.to_dense() @ k
     own, moved, key_norm = float((W @ k).norm()), float(written.norm()), float(k.norm())
     norm = update.spectral_norm()
     if min(own, moved, key_norm, sigma1) <= 0:
@@ -113,14 +113,13 @@ def edit_cost(weight: torch.Tensor, key: torch.Tensor, delta: Delta, sigma1: flo
             "off_key_excess": norm * key_norm / moved}
 
 
-def isotropic_key_gain(weight: torch.Tensor) -> float:
+def isotropic_key_gain(weight: torch.Tensor, sigma1: float) -> float:
     """RMS gain of W on isotropic random keys against sigma_1: ||W||_F / (sqrt(n) sigma_1) = sqrt(stable rank / n).
 
     The reference for ``key_gain``: a subject key that W amplifies more than a random direction
     reads above it. A Gaussian (out m, in n) matrix gives about sqrt(m) / (sqrt(m) + sqrt(n)).
     """
-    W = weight.double()
-    return float(W.norm() / (W.shape[1] ** 0.5 * torch.linalg.matrix_norm(W, ord=2)))
+    return float(weight.double().norm()) / (weight.shape[1] ** 0.5 * sigma1)
 
 
 class _CostRecorder:
@@ -164,22 +163,9 @@ def calibration_rows(model: LoadedModel, records: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def trace_rows(model: LoadedModel, records: Sequence[dict], noise: float, seed: int) -> list[dict]:
-    """The causal trace's probabilities, and per block and position the share of the clean-corrupted gap recovered."""
-    trace = causal_trace(model, records, noise_scale=noise, seed=seed)
-    rows = [{"metric": "trace_probability", "position": r["position"], "layer": r["layer"], "value": r["probability"]}
-            for r in trace.rows()]
-    gap = trace.clean - trace.corrupted
-    if gap > 0:
-        rows += [{"metric": "trace_recovery", "position": position, "layer": layer,
-                  "value": (p - trace.corrupted) / gap}
-                 for position, values in trace.restored.items() for layer, p in enumerate(values)]
-    return rows
-
-
 @torch.no_grad()
 def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[int, torch.Tensor],
-                 sites: Sequence[Site]) -> list[dict]:
+                 sigma1: dict[Site, float]) -> list[dict]:
     """At each edited site, over the records' rewrite prompts at the subject's last token (means over records).
 
     ``mlp_share_subject`` = ||W k|| / ||h|| (the MLP's write against the block's output), and
@@ -194,6 +180,7 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
         ids.append(tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"])
         positions.append(subject_last_index(tokenizer, rewrite["prompt"], rewrite["subject"]))
     batch = pad_right(ids, pad_id_of(tokenizer))
+    sites = list(sigma1)
     layers = sorted({site.layer for site in sites})
     hidden: dict[int, torch.Tensor] = {}
     with capture_inputs(model, layers) as keys:
@@ -204,8 +191,9 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
     at, pos = torch.arange(len(ids), device=model.device), torch.tensor(positions, device=model.device)
     rows = []
     for site in sites:
+        weight = model.adapter.read(site)
         k = keys[site.layer][at, pos].double()
-        writes = k @ model.adapter.read(site).double().T
+        writes = k @ weight.double().T
         h = hidden[site.layer][at, pos].double()
         C = covariances[site.layer].double()
         eigenvalues = torch.linalg.eigvalsh(C)
@@ -213,7 +201,7 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
             "mlp_share_subject": float((writes.norm(dim=1) / h.norm(dim=1)).mean()),
             "subject_key_ratio": float(k.pow(2).sum(1).mean().sqrt() / torch.trace(C).clamp_min(0).sqrt()),
             "covariance_fill": float((eigenvalues > FILL_THRESHOLD * eigenvalues.max()).double().mean()),
-            "key_gain_isotropic": isotropic_key_gain(model.adapter.read(site)),
+            "key_gain_isotropic": isotropic_key_gain(weight, sigma1[site]),
         }
         rows += [{"metric": metric, "site": str(site), "layer": site.layer, "value": value} for metric, value in values.items()]
     return rows
@@ -240,9 +228,10 @@ def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
         originals = {site: model.adapter.read(site).clone() for site in sites}
         sigma1 = {site: float(torch.linalg.matrix_norm(w.double(), ord=2)) for site, w in originals.items()}
         facts = random.Random(config.seed).sample(inputs.records, min(config.facts, len(inputs.records)))
-        rows = calibration_rows(model, facts) + trace_rows(model, facts, config.noise, config.seed)
+        trace = causal_trace(model, facts, noise_scale=config.noise, seed=config.seed)
+        rows = calibration_rows(model, facts) + trace_rows(trace)
         covariances = editor.statistics.second_moments(model, sorted({s.layer for s in sites}))
-        rows += storage_rows(model, facts, covariances, sites)
+        rows += storage_rows(model, facts, covariances, sigma1)
         for record in progress_iter(inputs.records[: config.edits], "single edits", enabled=None if progress else False):
             rows += _single_edit_rows(model, new_editor(), record, originals, sigma1)
         writer.add_rows(with_units({"experiment": "editability", "editor": config.editor, **row} for row in rows))

@@ -19,7 +19,7 @@ import torch
 from spectra.data.datasets import resolve_dataset
 from spectra.errors import SpectraError
 from spectra.evaluation.general import GeneralAbility, HeldoutText
-from spectra.evaluation.tracing import causal_trace
+from spectra.evaluation.tracing import CausalTrace, causal_trace
 from spectra.experiments.common import (
     CommonOptions, GeneralOptions, check_fraction_list, choose_sites, default_dataset, general_ability, general_rows,
     heldout_text, open_model, usable_records,
@@ -258,9 +258,20 @@ def run_trace(config: TraceConfig) -> Path:
     usable_records(chosen, tokenizer, dataset, skip=False)
     model = open_model(config, tokenizer)
     trace = causal_trace(model, chosen, noise_scale=config.noise, seed=config.seed)
-    rows = [{"experiment": "trace", "metric": "trace_probability", "position": row["position"],
-             "layer": row["layer"], "value": row["probability"]} for row in trace.rows()]
+    rows = [{"experiment": "trace", **row} for row in trace_rows(trace)]
     return _write(create_run("trace", config, out=config.out), rows)
+
+
+def trace_rows(trace: CausalTrace) -> list[dict]:
+    """A trace's probabilities, and per block and position the share of the clean-corrupted gap it recovers
+    (none when the corrupted run kept the fact)."""
+    rows = [{"metric": "trace_probability", "position": r["position"], "layer": r["layer"], "value": r["probability"]}
+            for r in trace.rows()]
+    gap = trace.clean - trace.corrupted
+    if gap > 0:
+        rows += [{"metric": "trace_recovery", "position": position, "layer": layer, "value": (p - trace.corrupted) / gap}
+                 for position, values in trace.restored.items() for layer, p in enumerate(values)]
+    return rows
 
 
 def check_inputs(config: CommonOptions) -> None:
