@@ -172,6 +172,9 @@ GLOSSARY: dict[str, Metric] = {
     "key_gain_isotropic": Metric("fraction", "||W||_F / (sqrt(n) sigma_1(W)): key_gain's RMS over isotropic random "
                                  "keys, its reference (a Gaussian m x n matrix: about sqrt(m) / (sqrt(m) + sqrt(n))).",
                                  "spectra (`isotropic_key_gain`)"),
+    "subject_shift": Metric("ratio", "One edit: ||h' - h|| / ||h||, block output at the last edited layer and the "
+                            "subject's last token of the rewrite prompt, after against before the edit (MEMIT's z "
+                            "is h + delta there, ||delta|| <= clamp_norm_factor ||h||).", "spectra (editability)"),
     "off_key_excess": Metric("ratio", "One edit: ||dW||_2 ||k|| / ||dW k|| >= 1, how much more the update stretches "
                              "another direction than the key; delta_spectral_rel = write_demand x key_gain x "
                              "off_key_excess.", "spectra (`edit_cost`)"),

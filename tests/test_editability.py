@@ -77,19 +77,35 @@ def test_recorded_single_edit_costs_are_the_weight_changes_a_direct_edit_makes(w
     assert len(rows[rows["metric"] == "p_true"]) == 6 and rows[rows["metric"] == "p_true"]["value"].between(0, 1).all()
 
     records = json.loads((world_model / "counterfact.json").read_text())[:2]
+    shifts = rows[rows["metric"] == "subject_shift"].set_index("case_id")["value"]
     for record in records:
         model = load_model(str(world_model), device="cpu")
         editor = make_editor("memit", "tiny", corpus=corpus, progress=False)
         sites = editor.edited_sites(model)
         before = {site: model.adapter.read(site).double().clone() for site in sites}
+        state_before = _subject_state(model, record, max(site.layer for site in sites))
         request = EditRequest.from_counterfact(record)
         editor.prepare(model, [request])
         editor.apply_round(model, [request], IdentityFilter())
+        state_after = _subject_state(model, record, max(site.layer for site in sites))
+        expected = (state_after - state_before).norm() / state_before.norm()
+        assert shifts[record["case_id"]] == pytest.approx(float(expected), rel=1e-4)
         for site in sites:
             direct = torch.linalg.matrix_norm(model.adapter.read(site).double() - before[site], ord=2)
             direct /= torch.linalg.matrix_norm(before[site], ord=2)
             recorded = wide.loc[(record["case_id"], str(site)), "delta_spectral_rel"]
             assert recorded == pytest.approx(float(direct), rel=1e-4)
+
+
+def _subject_state(model, record: dict, layer: int) -> torch.Tensor:
+    """Block ``layer``'s output at the subject's last token of the rewrite prompt, from transformers' own hidden states."""
+    rewrite = record["requested_rewrite"]
+    prefix = rewrite["prompt"].split("{}")[0] + rewrite["subject"]
+    position = len(model.tokenizer(prefix.strip())["input_ids"]) - 1
+    ids = torch.tensor([model.tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"]])
+    with torch.no_grad():
+        states = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+    return states[layer + 1][0, position].double()
 
 
 def test_the_command_prints_the_targets_and_refuses_bad_sizes(world_model, tmp_path):
@@ -99,7 +115,7 @@ def test_the_command_prints_the_targets_and_refuses_bad_sizes(world_model, tmp_p
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     for line in ("causal trace", "MLP write / hidden state", "key-covariance fill", "P(true) before editing",
-                 "write_demand", "off_key_excess", "run directory:"):
+                 "write_demand", "off_key_excess", "subject state moved", "run directory:"):
         assert line in result.output
     bad = runner.invoke(app, [*args[:5], "--edits", "0", "--device", "cpu"])
     assert bad.exit_code == 2 and "--edits and --facts must be at least 1" in bad.output

@@ -9,7 +9,9 @@ This command measures both on the unedited model, with the editor's own hyperpar
   write at the subject against the hidden state, the subject keys against the corpus keys, and how
   many directions the key covariance C fills;
 - **cost**: single edits, each from the original weights, with ``||dW||_2 / sigma_1(W)`` per site
-  split exactly into three factors (``edit_cost``), so a reader sees which one is out of range.
+  split exactly into three factors (``edit_cost``), so a reader sees which one is out of range, and
+  how far the edit moved the subject's state at the last edited block (where MEMIT's z lives): the
+  move the model's readout needs, which sets the write demand.
 """
 
 from __future__ import annotations
@@ -164,6 +166,26 @@ def calibration_rows(model: LoadedModel, records: Sequence[dict]) -> list[dict]:
 
 
 @torch.no_grad()
+def subject_activations(model: LoadedModel, records: Sequence[dict], layers: Sequence[int]
+                        ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Keys and block outputs at the subject's last token of each record's rewrite prompt: ({layer: (n, d_k)}, {layer: (n, d)})."""
+    tokenizer = model.tokenizer
+    ids, positions = [], []
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        ids.append(tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"])
+        positions.append(subject_last_index(tokenizer, rewrite["prompt"], rewrite["subject"]))
+    batch = pad_right(ids, pad_id_of(tokenizer))
+    at, pos = torch.arange(len(ids), device=model.device), torch.tensor(positions, device=model.device)
+    hidden: dict[int, torch.Tensor] = {}
+    with capture_inputs(model, layers) as keys:
+        for layer in layers:
+            with capture_hidden(model, layer) as states:
+                model.model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
+            hidden[layer] = states[layer][at, pos].double()
+    return {layer: keys[layer][at, pos].double() for layer in layers}, hidden
+
+
 def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[int, torch.Tensor],
                  sigma1: dict[Site, float]) -> list[dict]:
     """At each edited site, over the records' rewrite prompts at the subject's last token (means over records).
@@ -173,28 +195,13 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
     ``covariance_fill`` = share of C's eigenvalues above ``FILL_THRESHOLD`` of the largest;
     ``key_gain_isotropic`` = the key gain random keys would see (``isotropic_key_gain``).
     """
-    tokenizer = model.tokenizer
-    ids, positions = [], []
-    for record in records:
-        rewrite = record["requested_rewrite"]
-        ids.append(tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"])
-        positions.append(subject_last_index(tokenizer, rewrite["prompt"], rewrite["subject"]))
-    batch = pad_right(ids, pad_id_of(tokenizer))
     sites = list(sigma1)
-    layers = sorted({site.layer for site in sites})
-    hidden: dict[int, torch.Tensor] = {}
-    with capture_inputs(model, layers) as keys:
-        for layer in layers:
-            with capture_hidden(model, layer) as states:
-                model.model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
-            hidden[layer] = states[layer]
-    at, pos = torch.arange(len(ids), device=model.device), torch.tensor(positions, device=model.device)
+    keys, hidden = subject_activations(model, records, sorted({site.layer for site in sites}))
     rows = []
     for site in sites:
         weight = model.adapter.read(site)
-        k = keys[site.layer][at, pos].double()
+        k, h = keys[site.layer], hidden[site.layer]
         writes = k @ weight.double().T
-        h = hidden[site.layer][at, pos].double()
         C = covariances[site.layer].double()
         eigenvalues = torch.linalg.eigvalsh(C)
         values = {
@@ -242,11 +249,14 @@ def _single_edit_rows(model: LoadedModel, editor: LocateEditEditor, record: dict
                       sigma1: dict[Site, float]) -> list[dict]:
     """One edit from the original weights: its cost per site and whether it took (efficacy 100 or 0, as drift scores it)."""
     request = EditRequest.from_counterfact(record)
+    top = max(site.layer for site in originals)
     with restored(model, originals):
+        before = subject_activations(model, [record], [top])[1][top][0]
         editor.prepare(model, [request])
         recorder = _CostRecorder(model, request, editor.templates, editor.hparams.key_position,
                                  editor.hparams.batch_size, sigma1)
         editor.apply_round(model, [request], recorder)
+        after = subject_activations(model, [record], [top])[1][top][0]
         plan = prepare_counterfact(model.tokenizer, [record]).restricted(("rewrite",))
         efficacy = aggregate(counterfact_rows(model.model, plan))["rewrite_success"]
     missing = [str(site) for site in originals if site not in recorder.costs]
@@ -255,7 +265,9 @@ def _single_edit_rows(model: LoadedModel, editor: LocateEditEditor, record: dict
                            "its site filter, so its cost could not be measured.")
     rows = [{"metric": metric, "site": str(site), "layer": site.layer, "case_id": record["case_id"], "value": value}
             for site, cost in recorder.costs.items() for metric, value in cost.items()]
-    return rows + [{"metric": "efficacy", "case_id": record["case_id"], "value": efficacy}]
+    shift = float((after - before).norm() / before.norm())
+    return rows + [{"metric": "efficacy", "case_id": record["case_id"], "value": efficacy},
+                   {"metric": "subject_shift", "layer": top, "case_id": record["case_id"], "value": shift}]
 
 
 def editability_table(rows: "pd.DataFrame") -> "pd.DataFrame":
@@ -287,6 +299,9 @@ def editability_table(rows: "pd.DataFrame") -> "pd.DataFrame":
         ("  x key_gain (||W k|| / (||k|| sigma_1)), median", "isotropic keys: " + per_site("key_gain_isotropic"),
          per_site("key_gain", "median")),
         ("  x off_key_excess (||dW||_2 ||k|| / ||dW k||), median", "", per_site("off_key_excess", "median")),
+        ("one edit: subject state moved at the last edited block, median",
+         "what the readout asks (z's trust region: clamp_norm_factor x ||h||)",
+         f"{values('subject_shift')['value'].median():.3g} of ||h||"),
         ("one edit: efficacy", "", f"{values('efficacy')['value'].mean():.0f} % of {len(values('efficacy'))} edits"),
     ]
     return pd.DataFrame(lines, columns=["quantity", "target", "measured"])
