@@ -67,7 +67,10 @@ def test_recorded_single_edit_costs_are_the_weight_changes_a_direct_edit_makes(w
     corpus = world_model / "small_corpus.txt"
     config = EditabilityConfig(model=str(world_model), device="cpu", edits=2, facts=6, stats_corpus=corpus,
                                out=tmp_path / "run")
-    rows = load_run(run_editability(config, progress=False)).rows
+    run = load_run(run_editability(config, progress=False))
+    rows = run.rows
+    assert {"edits", "facts", "editor", "model", "stats_corpus"} <= set(run.config)
+    assert not {"tau", "revive", "rounds", "represent_prompts", "fluency"} & set(run.config)
     assert set(rows["metric"]) <= set(GLOSSARY) and rows["unit"].notna().all()
     costs = rows[rows["metric"].isin(["delta_spectral_rel", "write_demand", "key_gain", "off_key_excess"])]
     wide = costs.pivot_table(index=["case_id", "site"], columns="metric", values="value")

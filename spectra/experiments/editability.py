@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -34,7 +34,7 @@ from spectra.evaluation.counterfact import counterfact_rows, prepare_counterfact
 from spectra.evaluation.rows import aggregate
 from spectra.evaluation.scoring import encode_pairs, pad_id_of, score_continuations
 from spectra.evaluation.tracing import causal_trace
-from spectra.experiments.common import open_model
+from spectra.experiments.common import CommonOptions, open_model
 from spectra.experiments.drift import DriftConfig, drift_inputs
 from spectra.experiments.probes import restored, trace_rows
 from spectra.glossary import with_units
@@ -78,6 +78,16 @@ class EditabilityConfig(DriftConfig):
     edits: int = 10
     facts: int = 50
     noise: float = 3.0
+
+    #: drift's options that editability takes from the command line; the rest (arms, rounds, observers)
+    #: are fixed by __post_init__ or unused, so config.json leaves them out
+    INPUT_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "editor", "dataset", "shuffle_records", "stats_corpus", "stats", "hparams", "hparams_set", "skip_bad_records")
+
+    def recorded_options(self) -> dict[str, Any]:
+        """What config.json records: the common options, the editor and dataset inputs, and the sample sizes."""
+        kept = {f.name for f in fields(CommonOptions)} | set(self.INPUT_OPTIONS) | {"edits", "facts", "noise"}
+        return {name: getattr(self, name) for name in (f.name for f in fields(self)) if name in kept}
 
     def __post_init__(self) -> None:
         """One 'round' of ``edits`` records is what drift's input checks count; there are no REVIVE arms."""
@@ -221,7 +231,7 @@ def run_editability(config: EditabilityConfig, progress: bool = True) -> Path:
     config.validate()
     check_run_target(config.out)
     inputs = drift_inputs(config)
-    writer = create_run("editability", config, out=config.out, provenance=inputs.provenance)
+    writer = create_run("editability", config.recorded_options(), out=config.out, provenance=inputs.provenance)
     with writer.running():
         model = open_model(config, inputs.tokenizer)
         imported = ImportedStatistics(inputs.statistics) if inputs.statistics is not None else None
