@@ -196,6 +196,7 @@ def subject_activations(model: LoadedModel, records: Sequence[dict], layers: Seq
     return {layer: keys[layer][at, pos].double() for layer in layers}, hidden
 
 
+@torch.no_grad()
 def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[int, torch.Tensor],
                  sigma1: dict[Site, float]) -> list[dict]:
     """At each edited site, over the records' rewrite prompts at the subject's last token (means over records).
