@@ -173,8 +173,9 @@ GLOSSARY: dict[str, Metric] = {
                                  "keys, its reference (a Gaussian m x n matrix: about sqrt(m) / (sqrt(m) + sqrt(n))).",
                                  "spectra (`isotropic_key_gain`)"),
     "subject_shift": Metric("ratio", "One edit: ||h' - h|| / ||h||, block output at the last edited layer and the "
-                            "subject's last token of the rewrite prompt, after against before the edit (MEMIT's z "
-                            "is h + delta there, ||delta|| <= clamp_norm_factor ||h||).", "spectra (editability)"),
+                            "editor's lookup position in the rewrite prompt (the subject's last token by default), "
+                            "after against before the edit (MEMIT's z is h + delta there, ||delta|| <= "
+                            "clamp_norm_factor ||h||).", "spectra (editability)"),
     "off_key_excess": Metric("ratio", "One edit: ||dW||_2 ||k|| / ||dW k|| >= 1, how much more the update stretches "
                              "another direction than the key; delta_spectral_rel = write_demand x key_gain x "
                              "off_key_excess.", "spectra (`edit_cost`)"),

@@ -100,15 +100,34 @@ def test_recorded_single_edit_costs_are_the_weight_changes_a_direct_edit_makes(w
             assert recorded == pytest.approx(float(direct), rel=1e-4)
 
 
-def _subject_state(model, record: dict, layer: int) -> torch.Tensor:
-    """Block ``layer``'s output at the subject's last token of the rewrite prompt, from transformers' own hidden states."""
+def _subject_state(model, record: dict, layer: int, last: bool = False) -> torch.Tensor:
+    """Block ``layer``'s output at the subject's last token (or the last token) of the rewrite prompt, from
+    transformers' own hidden states."""
     rewrite = record["requested_rewrite"]
     prefix = rewrite["prompt"].split("{}")[0] + rewrite["subject"]
-    position = len(model.tokenizer(prefix.strip())["input_ids"]) - 1
     ids = torch.tensor([model.tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"]])
+    position = ids.shape[1] - 1 if last else len(model.tokenizer(prefix.strip())["input_ids"]) - 1
     with torch.no_grad():
         states = model.model(input_ids=ids, output_hidden_states=True).hidden_states
     return states[layer + 1][0, position].double()
+
+
+def test_the_shift_is_read_where_z_lives_when_the_key_is_the_last_token(world_model, tmp_path):
+    corpus = world_model / "small_corpus.txt"
+    config = EditabilityConfig(model=str(world_model), device="cpu", edits=1, facts=3, stats_corpus=corpus,
+                               hparams_set=["key_position=last"], out=tmp_path / "run")
+    rows = load_run(run_editability(config, progress=False)).rows
+    recorded = float(rows.loc[rows["metric"] == "subject_shift", "value"].iloc[0])
+    record = json.loads((world_model / "counterfact.json").read_text())[0]
+    model = load_model(str(world_model), device="cpu")
+    editor = make_editor("memit", "tiny", corpus=corpus, progress=False, key_position="last")
+    top = max(site.layer for site in editor.edited_sites(model))
+    before = _subject_state(model, record, top, last=True)
+    request = EditRequest.from_counterfact(record)
+    editor.prepare(model, [request])
+    editor.apply_round(model, [request], IdentityFilter())
+    after = _subject_state(model, record, top, last=True)
+    assert recorded == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-4)
 
 
 def test_the_command_prints_the_targets_and_refuses_bad_sizes(world_model, tmp_path):

@@ -10,8 +10,8 @@ This command measures both on the unedited model, with the editor's own hyperpar
   many directions the key covariance C fills;
 - **cost**: single edits, each from the original weights, with ``||dW||_2 / sigma_1(W)`` per site
   split exactly into three factors (``edit_cost``), so a reader sees which one is out of range, and
-  how far the edit moved the subject's state at the last edited block (where MEMIT's z lives): the
-  move the model's readout needs, which sets the write demand.
+  how far the edit moved the state at the last edited block and the lookup position (where MEMIT's
+  z lives): the move the model's readout needs, which sets the write demand.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from spectra.data.records import EditRequest
 from spectra.editing.base import LocateEditEditor
-from spectra.editing.core import key_rows, keys_and_hidden
+from spectra.editing.core import key_rows, keys_and_hidden, lookup_index
 from spectra.editing.stats_import import ImportedStatistics
 from spectra.errors import SpectraError
 from spectra.evaluation.counterfact import counterfact_rows, prepare_counterfact
@@ -42,7 +42,7 @@ from spectra.progress import progress_iter
 from spectra.models.hooks import capture_hidden, capture_inputs
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
-from spectra.models.tokens import pad_right, subject_last_index
+from spectra.models.tokens import pad_right
 from spectra.results import check_run_target, create_run
 from spectra.spectral import Delta
 
@@ -176,15 +176,16 @@ def calibration_rows(model: LoadedModel, records: Sequence[dict]) -> list[dict]:
 
 
 @torch.no_grad()
-def subject_activations(model: LoadedModel, records: Sequence[dict], layers: Sequence[int]
-                        ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Keys and block outputs at the subject's last token of each record's rewrite prompt: ({layer: (n, d_k)}, {layer: (n, d)})."""
+def subject_activations(model: LoadedModel, records: Sequence[dict], layers: Sequence[int],
+                        key_position: str = "subject_last") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Keys and block outputs at the lookup position (the subject's last token, or the last one) of each record's
+    rewrite prompt: ({layer: (n, d_k)}, {layer: (n, d)})."""
     tokenizer = model.tokenizer
     ids, positions = [], []
     for record in records:
         rewrite = record["requested_rewrite"]
         ids.append(tokenizer(rewrite["prompt"].format(rewrite["subject"]))["input_ids"])
-        positions.append(subject_last_index(tokenizer, rewrite["prompt"], rewrite["subject"]))
+        positions.append(lookup_index(model, rewrite["prompt"], rewrite["subject"], key_position))
     batch = pad_right(ids, pad_id_of(tokenizer))
     at, pos = torch.arange(len(ids), device=model.device), torch.tensor(positions, device=model.device)
     hidden: dict[int, torch.Tensor] = {}
@@ -260,14 +261,14 @@ def _single_edit_rows(model: LoadedModel, editor: LocateEditEditor, record: dict
                       sigma1: dict[Site, float]) -> list[dict]:
     """One edit from the original weights: its cost per site and whether it took (efficacy 100 or 0, as drift scores it)."""
     request = EditRequest.from_counterfact(record)
-    top = max(site.layer for site in originals)
+    top, position = max(site.layer for site in originals), editor.hparams.key_position
     with restored(model, originals):
-        before = subject_activations(model, [record], [top])[1][top][0]
+        before = subject_activations(model, [record], [top], position)[1][top][0]
         editor.prepare(model, [request])
         recorder = _CostRecorder(model, request, editor.templates, editor.hparams.key_position,
                                  editor.hparams.batch_size, sigma1)
         editor.apply_round(model, [request], recorder)
-        after = subject_activations(model, [record], [top])[1][top][0]
+        after = subject_activations(model, [record], [top], position)[1][top][0]
         plan = prepare_counterfact(model.tokenizer, [record]).restricted(("rewrite",))
         efficacy = aggregate(counterfact_rows(model.model, plan))["rewrite_success"]
     missing = [str(site) for site in originals if site not in recorder.costs]
