@@ -5,12 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 T = TypeVar("T")
 
 #: Called with how many units of a stage are done since the last call.
 Advance = Callable[[int], None]
+
+
+def stderr_progress(*columns: Any, **options: Any) -> "Progress":
+    """A rich ``Progress`` that draws on stderr: stdout carries the command's table, CSV or JSON."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    return Progress(*columns, console=Console(stderr=True), **options)
 
 
 class Stages(Protocol):
@@ -44,12 +55,11 @@ class ConsoleStages:
         if not self.enabled:
             yield lambda done=1: None
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        with stderr_progress(*columns, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda done=1: bar.advance(task, done)
 
@@ -62,7 +72,5 @@ def progress_iter(items: Iterable[T], description: str, enabled: bool | None = N
     if enabled is False or (enabled is None and not sys.stderr.isatty()):
         yield from items
         return
-    from rich.console import Console
-    from rich.progress import track
-
-    yield from track(items, description=description, console=Console(stderr=True), transient=True)
+    with stderr_progress(transient=True) as bar:
+        yield from bar.track(items, description=description)

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from spectra.models.hooks import StopForward, capture_inputs, stop_after
 from spectra.errors import SpectraError
+from spectra.progress import stderr_progress
 from spectra.models.loading import LoadedModel
 from spectra.models.sites import Site
 from spectra.models.tokens import pad_right
@@ -229,7 +228,7 @@ def accumulate_second_moments(
         )
     d_k = {layer: model.adapter.shape(Site(layer, "mlp.down"))[1] for layer in layers}
     sums = {layer: torch.zeros(d_k[layer], d_k[layer], dtype=torch.float64, device=model.device) for layer in layers}
-    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
+    with stderr_progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"key statistics ({model.name})", total=n_tokens)
         for features, tokens in _key_batches(model, layers, rows, batch_size, batch_tokens):
             for layer in layers:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -188,12 +189,11 @@ def subject_activations(model: LoadedModel, records: Sequence[dict], layers: Seq
         positions.append(lookup_index(model, rewrite["prompt"], rewrite["subject"], key_position))
     batch = pad_right(ids, pad_id_of(tokenizer))
     at, pos = torch.arange(len(ids), device=model.device), torch.tensor(positions, device=model.device)
-    hidden: dict[int, torch.Tensor] = {}
-    with capture_inputs(model, layers) as keys:
-        for layer in layers:
-            with capture_hidden(model, layer) as states:
-                model.model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
-            hidden[layer] = states[layer][at, pos].double()
+    with ExitStack() as stack:
+        keys = stack.enter_context(capture_inputs(model, layers))
+        states = [stack.enter_context(capture_hidden(model, layer)) for layer in layers]
+        model.model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device))
+    hidden = {layer: captured[layer][at, pos].double() for layer, captured in zip(layers, states)}
     return {layer: keys[layer][at, pos].double() for layer in layers}, hidden
 
 

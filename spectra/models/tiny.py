@@ -19,6 +19,7 @@ import torch
 
 from spectra.data import tiny_world
 from spectra.data.tiny_world import TinyWorld
+from spectra.progress import stderr_progress
 
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 
@@ -166,9 +167,6 @@ def train(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress
 
 def _optimize(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, progress: bool) -> tuple[torch.nn.Module, list[dict]]:
     """The training loop: AdamW, warm-up + cosine schedule, length-bucketed batches of documents."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     # Denormal floats (tiny gradients and Adam moments late in training) slow CPU kernels by
     # orders of magnitude; flushing them to zero changes nothing measurable in the result.
     torch.set_flush_denormal(True)
@@ -187,7 +185,7 @@ def _optimize(config: TinyTrainConfig, world: TinyWorld, tokenizer: object, prog
     log: list[dict] = []
     started = time.time()
     pad = tokenizer.pad_token_id
-    with Progress(disable=not progress, console=Console(stderr=True)) as bar:
+    with stderr_progress(disable=not progress) as bar:
         task = bar.add_task("training the tiny model", total=config.steps)
         for step in range(config.steps):
             if not queue:

@@ -24,6 +24,7 @@ from typing import TypeVar
 import torch
 
 from spectra.errors import SpectraError
+from spectra.progress import stderr_progress
 from spectra.spectral.spectrum import Spectrum
 
 K = TypeVar("K", bound=Hashable)
@@ -155,9 +156,6 @@ def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import Progress  # imported only when a bar is asked for
-
-    with Progress(transient=True, console=Console(stderr=True)) as bar:
+    with stderr_progress(transient=True) as bar:
         task = bar.add_task("SVD", total=total)
         yield lambda n: bar.advance(task, n)
