@@ -35,16 +35,20 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_projector_equals_naive_algorithm_1(shape: tuple[int, int], tau: float, seed: int) -> None:
     """(I - UkUk^T) dW (I - VkVk^T) equals Algorithm 1: to 1e-10 from a float64 spectrum (the algebra
-    is exact), to 1e-5 from the default float32 one (the float32 basis of the top-k subspace is the
-    error: about eps32 / relative gap sigma_k - sigma_k+1)."""
+    is exact), and from the default float32 one to within the float32 basis of the top-k subspace:
+    2 eps32 / relative gap (sigma_k - sigma_k+1) / sigma_1. Measured errors are 0.05-0.55 of that
+    bound; a fixed 1e-5 failed at gap 1.3e-3 on another machine's LAPACK (1.2e-5)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(shape, generator=g)
     dW = torch.randn(shape, generator=g)
     expected = naive_algorithm_1(W, dW, tau)
-    exact = ReviveProjector(svd(W, dtype=torch.float64), tau)
+    spectrum = svd(W, dtype=torch.float64)
+    exact = ReviveProjector(spectrum, tau)
     assert relative_error(exact(dW.double()), expected) <= 1e-10
-    assert relative_error(ReviveProjector(svd(W), tau)(dW), expected) <= 1e-5
-    assert relative_error(revive(W, dW, tau), expected) <= 1e-5
+    S, k = spectrum.S, exact.k
+    bound = 2 * torch.finfo(torch.float32).eps * float(S[0] / (S[k - 1] - S[k]))
+    assert relative_error(ReviveProjector(svd(W), tau)(dW), expected) <= bound
+    assert relative_error(revive(W, dW, tau), expected) <= bound
 
 
 @pytest.mark.parametrize("shape", SHAPES)
