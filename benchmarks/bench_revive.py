@@ -56,7 +56,9 @@ def algorithm1(W: torch.Tensor, dW: torch.Tensor, tau: float, device: torch.devi
     Lines 4-9 and 15-21 loop over all (i, j); the loops are the matrix products U^T dW V and
     U alpha V^T, which is the fastest faithful form (an element loop would be O(m^2 n^2)).
     """
-    svd_seconds, (U, S, Vh) = timed(lambda: torch.linalg.svd(W, full_matrices=True), device)
+    # On CUDA in float64, as spectra's own SVD (cuSOLVER's float32 SVD is off by ~1e-4; spectra/spectral/decompose.py).
+    svd_seconds, (U, S, Vh) = timed(lambda: [f.to(W.dtype) for f in torch.linalg.svd(
+        W.double() if W.is_cuda else W, full_matrices=True)], device)
     start = time.perf_counter()
     k = rank_for_energy(S, tau)
     alpha = U.T @ dW @ Vh.T  # (m, n): alpha_ij = <dW, u_i v_j^T>_F for every i, j

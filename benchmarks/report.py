@@ -96,9 +96,14 @@ def svd_rows(data: dict[str, Any]) -> list[str]:
                             ratio(r["weightwatcher_over_spectra_cached"]), "—", "—"))
         if not r["weightwatcher"]:
             rows.append(row("weightwatcher", size, "not measured: weightwatcher not installed", "—", "—", "≥3x", "—"))
-        worst = max(r["max_rel_error_vs_float64"].values())
-        rows.append(row("singular values vs float64 LAPACK, worst method (max abs Δσ / σ₁)", size, f"{worst:.1e}", "—",
-                        "—", "≤1e-5", met(worst <= 1e-5)))
+        errors = r["max_rel_error_vs_float64"]
+        rows.append(row("spectra's singular values vs float64 LAPACK (max abs Δσ / σ₁)", size,
+                        f"{errors['spectra']:.1e}", "—", "—", "≤1e-5", met(errors["spectra"] <= 1e-5)))
+        others = {method: error for method, error in errors.items() if method != "spectra"}
+        if others:
+            worst = max(others, key=others.get)
+            rows.append(row(f"… the least accurate other method ({worst})", size, f"{others[worst]:.1e}", "—", "—", "—",
+                            "—"))
     return rows
 
 
@@ -148,27 +153,58 @@ def environment_line(name: str, data: dict[str, Any]) -> str:
             f"Python {env['python']}, {versions}; spectra {env['git']}")
 
 
+def precision_rows(data: dict[str, Any]) -> list[str]:
+    """One row per editor and dtype: seconds per round, efficacy, and the update's distance from the CPU float32 one."""
+    rows = []
+    cpu = {r["editor"]: r["seconds"] for r in data["results"] if r["device"] == "cpu"}
+    for r in data["results"]:
+        size = f"tiny, 1 round x {data['batch_size']} edits"
+        where = f"{r['editor']} on {r['device']}, {r['dtype']}"
+        on_device = r["device"] != "cpu"
+        speed = f"CPU float32 / this: {cpu[r['editor']]['median'] / r['seconds']['median']:.3g}x" if on_device else "—"
+        rows.append(row(f"{where}: seconds per round", size, seconds(r["seconds"]["median"]), spread(r["seconds"]),
+                        speed, "—", "—"))
+        finite = "" if r["finite"] else " (update not finite)"
+        rows.append(row(f"{where}: efficacy; update vs CPU float32 (rel. Frobenius, worst site)", size,
+                        f"{r['efficacy']:.1f} %; {r['update_difference']:.1e}{finite}", "—", "—", "—", "—"))
+    return rows
+
+
 def render(results: Path) -> str:
-    """The Markdown that goes between the README markers."""
+    """The Markdown that goes between the README markers: each benchmark's CPU figures, then its GPU ones
+    (``<name>_cuda.json``, written by ``run_all.py --device cuda``)."""
     sections = [("revive", "REVIVE filter", revive_rows), ("svd", "Spectral pass", svd_rows),
                 ("edit_loop", "Edit loop (MEMIT on the embedded model)", edit_loop_rows)]
     lines: list[str] = []
     provenance: list[str] = []
     for name, title, make_rows in sections:
-        path = results / f"{name}.json"
         lines += [f"### {title}", "", HEADER]
+        path = results / f"{name}.json"
         if path.is_file():
             data = json.loads(path.read_text())
             lines += make_rows(data)
             provenance.append(environment_line(name, data))
-            cuda = data["environment"]["device"].startswith("cuda")
         else:
             lines.append(row(title, "—", f"not measured: no {path.name} yet", "—", "—", "—", "—"))
-            cuda = False
-        if not cuda:
-            lines.append(row(f"{title} on a GPU", "as above", "not measured: no GPU in this session", "—", "—", "—",
-                             f"run `python benchmarks/bench_{name}.py --device cuda`"))
+        path = results / f"{name}_cuda.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            lines += ["", f"On a GPU ({data['environment']['gpu']}):", "", HEADER, *make_rows(data)]
+            provenance.append(environment_line(f"{name}_cuda", data))
+        else:
+            lines.append(row(f"{title} on a GPU", "as above", "not measured: no GPU in the sessions that ran it",
+                             "—", "—", "—", "run `python benchmarks/run_all.py --device cuda`"))
         lines.append("")
+    path = results / "precision.json"
+    lines += ["### Editors on a device and in half precision", "", HEADER]
+    if path.is_file():
+        data = json.loads(path.read_text())
+        lines += precision_rows(data)
+        provenance.append(environment_line("precision", data))
+    else:
+        lines.append(row("Editors in half precision", "—", "not measured: no precision.json yet", "—", "—", "—",
+                         "run `python benchmarks/bench_precision.py --device cuda`"))
+    lines.append("")
     return "\n".join(lines + ["Measured on:", "", *provenance])
 
 
