@@ -29,3 +29,4 @@ step precision "${LIMIT_PRECISION:-140}" "$py" benchmarks/bench_precision.py --d
 step edit_loop "${LIMIT_EDIT_LOOP:-100}" "$py" benchmarks/bench_edit_loop.py --device cuda --repeats 1 --out "$out/edit_loop_cuda.json"
 step revive "${LIMIT_REVIVE:-60}" "$py" benchmarks/bench_revive.py --device cuda --reps 5 --alg1-budget 20 --out "$out/revive_cuda.json"
 step svd "${LIMIT_SVD:-50}" "$py" benchmarks/bench_svd.py --device cuda --reps 2 --out "$out/svd_cuda.json"
+step cuda_svd "${LIMIT_CUDA_SVD:-100}" "$py" benchmarks/bench_cuda_svd.py

@@ -11,7 +11,8 @@ Choices, by measurement (2 CPU cores, float32, torch's LAPACK gesdd):
 - Batching. On CUDA, equal-shape matrices are stacked and decomposed in one call per chunk; on the
   CPU batching gave no speed-up, so we loop.
 - float64 on CUDA. cuSOLVER's float32 SVDs break the contract below. Measured on an H100 on random
-  matrices, error of the singular values as max |d sigma| / sigma_1, then U's orthonormality:
+  matrices (benchmarks/bench_cuda_svd.py), error of the singular values as max |d sigma| / sigma_1,
+  then U's orthonormality:
   - Jacobi (torch's default): 1.1e-4 and 3.5e-4 at 3072 x 768 (GPT-2 small's FFN);
     4.8e-4 and 1.6e-3 at 14336 x 4096 (Llama-3-8B's down_proj);
   - QR-based gesvd: 8.9e-6 and 1.3e-5 at 3072 x 768; 4.1e-5 and 1.0e-4 at 14336 x 4096.
