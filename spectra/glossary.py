@@ -172,6 +172,10 @@ GLOSSARY: dict[str, Metric] = {
     "key_gain_isotropic": Metric("fraction", "||W||_F / (sqrt(n) sigma_1(W)): key_gain's RMS over isotropic random "
                                  "keys, its reference (a Gaussian m x n matrix: about sqrt(m) / (sqrt(m) + sqrt(n))).",
                                  "spectra (`isotropic_key_gain`)"),
+    "key_gain_corpus": Metric("fraction", "sqrt(tr(W C W^T) / tr C) / sigma_1(W): W's RMS gain on the statistics "
+                              "corpus's keys (C = E[k k^T]) against its top gain; above key_gain when W's strongest "
+                              "directions serve the text at large rather than the subject keys.",
+                              "spectra (`corpus_key_gain`)"),
     "subject_shift": Metric("ratio", "One edit: ||h' - h|| / ||h||, block output at the last edited layer and the "
                             "editor's lookup position in the rewrite prompt (the subject's last token by default), "
                             "after against before the edit (MEMIT's z is h + delta there, ||delta|| <= "

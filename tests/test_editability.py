@@ -137,7 +137,7 @@ def test_the_command_prints_the_targets_and_refuses_bad_sizes(world_model, tmp_p
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     for line in ("causal trace", "MLP write / hidden state", "key-covariance fill", "P(true) before editing",
-                 "write_demand", "off_key_excess", "subject state moved", "run directory:"):
+                 "write_demand", "key_gain of the corpus keys", "off_key_excess", "subject state moved", "run directory:"):
         assert line in result.output
     bad = runner.invoke(app, [*args[:5], "--edits", "0", "--device", "cpu"])
     assert bad.exit_code == 2 and "--edits and --facts must be at least 1" in bad.output
@@ -152,3 +152,19 @@ def test_isotropic_key_gain_is_the_rms_gain_on_random_keys_and_near_the_gaussian
     rms_gain = float(((W @ keys).pow(2).sum(0) / keys.pow(2).sum(0)).mean().sqrt()) / sigma1
     assert isotropic_key_gain(W, sigma1) == pytest.approx(rms_gain, rel=0.02)
     assert isotropic_key_gain(W, sigma1) == pytest.approx(8 / (8 + 16), rel=0.1)
+
+
+def test_corpus_key_gain_is_the_energy_weighted_gain_on_the_corpus_keys():
+    """sqrt(sum ||W k||^2 / sum ||k||^2) / sigma_1 over explicit keys equals the covariance form, and white keys
+    give the isotropic gain."""
+    from spectra.experiments.editability import corpus_key_gain, isotropic_key_gain
+
+    W = _random(10, 64, 256)
+    keys = _random(11, 256, 500) * torch.linspace(0.1, 3.0, 256, dtype=torch.float64)[:, None]  # anisotropic keys
+    sigma1 = float(torch.linalg.matrix_norm(W, ord=2))
+    direct = float(((W @ keys).pow(2).sum() / keys.pow(2).sum()).sqrt()) / sigma1
+    assert corpus_key_gain(W, keys @ keys.T / keys.shape[1], sigma1) == pytest.approx(direct, rel=1e-10)
+    assert corpus_key_gain(W, torch.eye(256, dtype=torch.float64), sigma1) == pytest.approx(
+        isotropic_key_gain(W, sigma1), rel=1e-10)
+    top = torch.linalg.svd(W)[2][0]
+    assert corpus_key_gain(W, torch.outer(top, top), sigma1) == pytest.approx(1.0, rel=1e-10)

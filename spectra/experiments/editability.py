@@ -135,6 +135,17 @@ def isotropic_key_gain(weight: torch.Tensor, sigma1: float) -> float:
     return float(weight.double().norm()) / (weight.shape[1] ** 0.5 * sigma1)
 
 
+def corpus_key_gain(weight: torch.Tensor, covariance: torch.Tensor, sigma1: float) -> float:
+    """Gain of W on the statistics corpus's keys against sigma_1: sqrt(E||W k||^2 / E||k||^2) / sigma_1,
+    i.e. sqrt(tr(W C W^T) / tr C) / sigma_1 with C = E[k k^T].
+
+    Beside ``key_gain`` it tells whether W's strongest directions serve the text at large (corpus
+    gain above the subject keys') or no keys in particular (both near the isotropic gain).
+    """
+    W, C = weight.double(), covariance.double().to(weight.device)
+    return float(((W @ C) * W).sum().clamp_min(0).sqrt() / torch.trace(C).sqrt()) / sigma1
+
+
 class _CostRecorder:
     """A pass-through site filter that records each site's edit cost just before the editor writes it.
 
@@ -205,7 +216,8 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
     ``mlp_share_subject`` = ||W k|| / ||h|| (the MLP's write against the block's output), and
     ``subject_key_ratio`` = RMS ||k|| at the subject / RMS ||k|| over the corpus (sqrt tr C);
     ``covariance_fill`` = share of C's eigenvalues above ``FILL_THRESHOLD`` of the largest;
-    ``key_gain_isotropic`` = the key gain random keys would see (``isotropic_key_gain``).
+    ``key_gain_isotropic`` = the key gain random keys would see (``isotropic_key_gain``), and
+    ``key_gain_corpus`` = the one the corpus keys see (``corpus_key_gain``).
     """
     sites = list(sigma1)
     keys, hidden = subject_activations(model, records, sorted({site.layer for site in sites}))
@@ -221,6 +233,7 @@ def storage_rows(model: LoadedModel, records: Sequence[dict], covariances: dict[
             "subject_key_ratio": float(k.pow(2).sum(1).mean().sqrt() / torch.trace(C).clamp_min(0).sqrt()),
             "covariance_fill": float((eigenvalues > FILL_THRESHOLD * eigenvalues.max()).double().mean()),
             "key_gain_isotropic": isotropic_key_gain(weight, sigma1[site]),
+            "key_gain_corpus": corpus_key_gain(weight, C, sigma1[site]),
         }
         rows += [{"metric": metric, "site": str(site), "layer": site.layer, "value": value} for metric, value in values.items()]
     return rows
@@ -310,6 +323,7 @@ def editability_table(rows: "pd.DataFrame") -> "pd.DataFrame":
         ("  = write_demand (||dW k|| / ||W k||), median", "", per_site("write_demand", "median")),
         ("  x key_gain (||W k|| / (||k|| sigma_1)), median", "isotropic keys: " + per_site("key_gain_isotropic"),
          per_site("key_gain", "median")),
+        ("    key_gain of the corpus keys (RMS)", "", per_site("key_gain_corpus")),
         ("  x off_key_excess (||dW||_2 ||k|| / ||dW k||), median", "", per_site("off_key_excess", "median")),
         ("one edit: subject state moved at the last edited block, median",
          "what the readout asks (z's trust region: clamp_norm_factor x ||h||)",
