@@ -355,7 +355,8 @@ def drift(
     editor: str = EDITOR,
     rounds: int = typer.Option(20, help="Sequential editing rounds."),
     batch_size: int = typer.Option(None, help="Edits per round [default: 2.44 % of the model's hidden size, the "
-                                   "paper's 100 edits on Llama-3-8B's 4,096 scaled: 6 on tiny, 100 on 4,096-wide models]."),
+                                   "paper's 100 edits on Llama-3-8B's 4,096 scaled: 5 on the 192-wide tiny model, "
+                                   "100 on 4,096-wide models]."),
     revive: str = typer.Option("both", help="on, off or both (two arms over identical requests)."),
     tau: str = typer.Option("0.1", help="REVIVE energy threshold(s) in (0, 1); several (0.05,0.1,...) run a tau sweep."),
     dataset: str = DATASET,

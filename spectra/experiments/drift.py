@@ -455,7 +455,8 @@ EDITS_PER_WIDTH = 100 / 4096
 
 
 def default_batch_size(width: int) -> int:
-    """Edits per round for a model ``width`` wide: ``EDITS_PER_WIDTH`` of it (100 on 4,096-wide models, 6 on tiny)."""
+    """Edits per round for a model ``width`` wide: ``EDITS_PER_WIDTH`` of it (100 on 4,096-wide models, 5 on the
+    192-wide tiny model)."""
     return max(1, round(EDITS_PER_WIDTH * width))
 
 
