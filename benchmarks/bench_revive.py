@@ -32,7 +32,9 @@ import time
 
 import torch
 
-from common import add_common_arguments, environment, paired_ratios, resolve_device, summary, sync, timed, write_result
+from common import (
+    add_common_arguments, environment, paired_ratios, relative_error, resolve_device, summary, sync, timed, write_result,
+)
 from spectra.spectral import Delta, ReviveProjector, rank_for_energy, svd
 
 #: 768x3072 (GPT-2 small c_proj), 1600x6400 (GPT-2 XL c_proj), 4096x14336 (Llama-3-8B down_proj).
@@ -67,11 +69,6 @@ def algorithm1(W: torch.Tensor, dW: torch.Tensor, tau: float, device: torch.devi
     safe = U @ alpha @ Vh
     sync(device)
     return safe, svd_seconds, time.perf_counter() - start, k
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b||_F / ||b||_F in float64."""
-    return float(torch.linalg.matrix_norm((a - b).double()) / torch.linalg.matrix_norm(b.double()))
 
 
 def bench_shape(

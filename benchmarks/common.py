@@ -83,6 +83,11 @@ def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) ->
     return summary([a / b for a, b in zip(numerators, denominators)])
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||_F / ||b||_F in float64."""
+    return float(torch.linalg.matrix_norm((a - b).double()) / torch.linalg.matrix_norm(b.double()))
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports ``ru_maxrss`` in KiB)."""
     import resource
