@@ -408,10 +408,15 @@ def drift(
                          general=_general(tasks, items_per_task, glue_dir),
                          skip_bad_records=skip_bad_records, resume=resume)
     path = run_drift(config, given=_edit_options_given(ctx))
-    from spectra.experiments.drift import last_round_table
+    from spectra.experiments.drift import formatted_table, last_round_table, regime_note
     from spectra.results import load_run
 
-    show(last_round_table(load_run(path).rows).round(4).reset_index(), fmt)
+    rows = load_run(path).rows
+    table = last_round_table(rows)
+    show((formatted_table(table) if fmt == "table" else table).reset_index(), fmt)
+    warning = regime_note(rows)
+    if warning:
+        note(warning, fmt)
     note(f"run directory: {path}", fmt)
     note(f"figures: {path / 'figures'}", fmt)
 

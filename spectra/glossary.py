@@ -95,6 +95,9 @@ GLOSSARY: dict[str, Metric] = {
     "delta_fro_rel": Metric("ratio", "||W_t - W_0||_F / ||W_0||_F.", "spectra (`drift_stats`)"),
     "delta_spectral_rel": Metric("ratio", "||W_t - W_0||_2 / sigma_1(W_0): the update's size against the weight's "
                                  "largest singular value.", "spectra (`drift_stats`)"),
+    "sigma_k_rel": Metric("ratio", "sigma_k(W_0) / sigma_1(W_0) at metric_tau's k, recorded at round 0: LS and the "
+                          "rank-ordered SS diagonal follow W_0's directions only while delta_spectral_rel stays well "
+                          "below it.", "spectra (Davis-Kahan; `regime_note`)"),
     "spectral_norm_ratio": Metric("ratio", "sigma_1(W_t) / sigma_1(W_0).", "spectra (`drift_stats`)"),
     "functional_change": Metric("ratio", "RMS over corpus keys k of ||(W_t - W_0) k|| / RMS of ||W_0 k||: how much "
                                 "the update changes what the matrix computes on inputs it really sees (needs a "

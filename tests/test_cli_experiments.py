@@ -119,7 +119,8 @@ def _drift_args(world_model: Path, out: Path) -> list[str]:
 def whole(world_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A drift run with the default options but small counts (3 rounds of 3 edits), uninterrupted."""
     out = tmp_path_factory.mktemp("drift") / "whole"
-    invoke(*_drift_args(world_model, out))
+    result = invoke(*_drift_args(world_model, out))
+    (out.parent / "console.txt").write_text(result.output)
     return out
 
 
@@ -179,6 +180,34 @@ def test_drift_resumed_after_an_interrupted_round_gives_the_same_rows(world_mode
     assert len(residual) and residual["value"].max() < 1e-4, "REVIVE must keep W0's protected singular triplets"
     unfiltered = run.rows[(run.rows["metric"] == "protected_triplet_residual") & (run.rows["arm"] == "off")]
     assert unfiltered["value"].max() > residual["value"].max()
+
+
+@pytest.mark.slow
+def test_drift_records_sigma_k_and_warns_when_the_update_passes_it(world_model, whole):
+    """sigma_k_rel equals an independent SVD of the unedited weight; the console warns exactly when an update passed it."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from spectra.experiments.drift import regime_note
+
+    rows = load_run(whole).rows
+    recorded = rows[rows["metric"] == "sigma_k_rel"]
+    assert set(recorded["round"]) == {0} and len(recorded) == 2 * rows.loc[rows["metric"] == "LS", "site"].nunique()
+    weights = {name: value for name, value in load_file(world_model / "model.safetensors").items()
+               if name.endswith("mlp.down_proj.weight")}
+    for site, value in recorded.groupby("site")["value"].first().items():
+        layer = int(str(site).split("@")[1])
+        S = np.linalg.svd(weights[f"model.layers.{layer}.mlp.down_proj.weight"].astype(np.float64), compute_uv=False)
+        k = int(np.searchsorted(np.cumsum(S) / S.sum(), 0.1 - 1e-12)) + 1
+        assert value == pytest.approx(S[k - 1] / S[0], rel=1e-5)
+    last = rows[(rows["metric"] == "delta_spectral_rel") & (rows["round"] == rows["round"].max())]
+    limits = last["site"].map(recorded.groupby("site")["value"].min())
+    console = (whole.parent / "console.txt").read_text()
+    assert ("protected resid max" in console) and ("|dW|2/s1 max" in console)
+    if (last["value"] >= limits).any():
+        assert "no longer compare the arms" in console and regime_note(rows) in console
+    else:
+        assert regime_note(rows) is None and "no longer compare the arms" not in console
 
 
 def test_plot_redraws_a_run_without_the_model(world_model, tmp_path):

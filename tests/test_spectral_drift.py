@@ -200,3 +200,39 @@ def test_spectrum_table_row() -> None:
     assert row["k@0.5"] == 2 and row["k_frac@0.5"] == 0.5
     assert row["spectral_norm"] == pytest.approx(4.0)
     assert row["condition_number"] == pytest.approx(4.0)
+
+
+def test_console_line_takes_means_but_the_worst_site_for_residual_and_update_size():
+    """round_summary averages over sites, except the protected residual and |dW|2/s1, where the worst site counts."""
+    from spectra.experiments.drift import round_summary
+
+    rows = [{"metric": metric, "site": site, "value": value}
+            for site, ls_value, residual, delta in (("mlp.down@1", 0.2, 1e-6, 0.5), ("mlp.down@2", 0.6, 3e-5, 2.0))
+            for metric, value in (("LS", ls_value), ("protected_triplet_residual", residual),
+                                  ("delta_spectral_rel", delta))]
+    rows.append({"metric": "SS_protected_diag_min", "site": "mlp.down@1", "side": "left", "value": 0.0})
+    rows.append({"metric": "SS_protected_diag_min", "site": "mlp.down@1", "side": "right", "value": 0.9})
+    summary = round_summary(rows)
+    assert summary["LS"] == pytest.approx(0.4)
+    assert summary["protected resid max"] == 3e-5 and summary["|dW|2/s1 max"] == 2.0
+    assert summary["SS diag min"] == 0.9, "SS is read on the right side"
+
+
+def test_regime_note_names_the_arms_whose_update_passed_sigma_k():
+    """No note while every last-round update is below sigma_k / sigma_1 at its site; a note naming the arm once one is not."""
+    import pandas as pd
+
+    from spectra.experiments.drift import regime_note
+
+    def rows(deltas: dict[str, float]) -> pd.DataFrame:
+        limits = [{"arm": "off", "round": 0, "site": site, "metric": "sigma_k_rel", "value": limit}
+                  for site, limit in (("mlp.down@1", 0.6), ("mlp.down@2", 0.8))]
+        updates = [{"arm": arm, "round": 3, "site": site, "metric": "delta_spectral_rel", "value": deltas[arm]}
+                   for arm in deltas for site in ("mlp.down@1", "mlp.down@2")]
+        return pd.DataFrame(limits + updates)
+
+    assert regime_note(rows({"off": 0.5, "revive": 0.1})) is None
+    note = regime_note(rows({"off": 0.7, "revive": 0.1}))
+    assert note is not None and "arm(s) off " in note and "1 of 2 site(s)" in note and "revive" not in note
+    assert "2 of 2 site(s)" in regime_note(rows({"off": 0.9, "revive": 0.9}))
+    assert regime_note(pd.DataFrame({"metric": ["LS"], "value": [1.0], "round": [0]})) is None

@@ -203,6 +203,8 @@ class SpectralDrift:
             context = {"arm": arm.name, "tau": arm.tau, "round": round, "site": str(site)}
             record.rows.append({**context, "metric": "LS", "value": ls(s0, st, self.tau)})
             k = rank_for_energy(s0.S, self.tau)
+            if round == 0:
+                record.rows.append({**context, "metric": "sigma_k_rel", "value": float(s0.S[k - 1] / s0.S[0])})
             guarded = protected[site] if site in protected else torch.arange(k)
             record.rows.append({**context, "metric": "protected_dim", "value": float(protected[site].numel())
                                 if site in protected else 0.0})
@@ -822,26 +824,60 @@ def arm_states(checkpoint: Checkpoint, arms: Sequence[Arm], positions: dict[str,
     return states
 
 
-#: The console line of a round: (label, metric, format); values are means over sites (right side for SS).
+#: The console line of a round: (label, metric, format, reduction over sites); for SS the right side.
 CONSOLE_FIELDS = (
-    ("round efficacy %", "round_efficacy", "{:.1f}"), ("efficacy %", "efficacy", "{:.1f}"),
-    ("neighbourhood %", "neighborhood", "{:.1f}"), ("free dim", "remaining_dim", "{:.1f}"),
-    ("tasks acc", "accuracy", "{:.3f}"), ("text NLL", "text_nll", "{:.3f}"), ("LS", "LS", "{:.3f}"),
-    ("SS diag min", "SS_protected_diag_min", "{:.4f}"), ("|dW|2/s1", "delta_spectral_rel", "{:.3f}"),
-    ("edit s", "seconds_edit", "{:.1f}"),
+    ("round efficacy %", "round_efficacy", "{:.1f}", "mean"), ("efficacy %", "efficacy", "{:.1f}", "mean"),
+    ("neighbourhood %", "neighborhood", "{:.1f}", "mean"), ("free dim", "remaining_dim", "{:.1f}", "mean"),
+    ("tasks acc", "accuracy", "{:.3f}", "mean"), ("text NLL", "text_nll", "{:.3f}", "mean"),
+    ("LS", "LS", "{:.3f}", "mean"), ("SS diag min", "SS_protected_diag_min", "{:.4f}", "mean"),
+    ("protected resid max", "protected_triplet_residual", "{:.1e}", "max"),
+    ("|dW|2/s1 max", "delta_spectral_rel", "{:.3f}", "max"), ("edit s", "seconds_edit", "{:.1f}", "mean"),
 )
+REDUCTIONS: dict[str, Callable[[list[float]], float]] = {"mean": lambda v: sum(v) / len(v), "max": max}
+
+
+def is_missing(value: object) -> bool:
+    """True for an empty cell: None, or the NaN a table holds where a row has no such column."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def round_summary(rows: Sequence[dict]) -> dict[str, float]:
-    """The console line's numbers for one round's rows: each CONSOLE_FIELDS metric averaged over sites."""
+    """The console line's numbers for one round's rows: each CONSOLE_FIELDS metric reduced over sites."""
     def given(value: object) -> object:
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+        return None if is_missing(value) else value
 
     values: dict[str, list[float]] = {}
     for row in rows:
         if given(row.get("task")) in (None, "mean", "heldout_text") and given(row.get("side")) in (None, "right"):
             values.setdefault(row["metric"], []).append(row["value"])
-    return {label: sum(values[metric]) / len(values[metric]) for label, metric, _ in CONSOLE_FIELDS if values.get(metric)}
+    return {label: REDUCTIONS[reduce](values[metric]) for label, metric, _, reduce in CONSOLE_FIELDS
+            if values.get(metric)}
+
+
+def regime_note(rows: "pd.DataFrame") -> str | None:
+    """A warning when an arm's update passed sigma_k(W_0) at a site by the last round, or None.
+
+    Past that point LS and the rank-ordered SS diagonal fall towards 0 whether or not W_0's dominant
+    triplets survived (README, "When LS and the rank-ordered SS stop being informative"), so a reader
+    comparing arms by them would be misled; the protected-triplet residual still tells.
+    """
+    if "site" not in rows.columns:
+        return None
+    first = rows[(rows["metric"] == "sigma_k_rel") & (rows["round"] == 0)].groupby("site")["value"].min()
+    last = rows[(rows["metric"] == "delta_spectral_rel") & (rows["round"] == rows["round"].max())]
+    if first.empty or last.empty:
+        return None
+    last = last.assign(limit=last["site"].map(first)).dropna(subset=["limit"])
+    past = last[last["value"] >= last["limit"]]
+    if past.empty:
+        return None
+    arms = ", ".join(dict.fromkeys(past["arm"]))
+    return (f"note: in arm(s) {arms} the update's spectral norm has passed sigma_k(W_0) at {past['site'].nunique()} "
+            f"of {last['site'].nunique()} site(s) (|dW|2/s1 up to {past['value'].max():.3g}, against sigma_k/sigma_1 "
+            f"{past['limit'].min():.2f}-{past['limit'].max():.2f}). There LS and the SS diagonal fall towards 0 whether "
+            "or not W_0's dominant triplets survived, so they no longer compare the arms; 'protected resid max' does "
+            "(0 when REVIVE kept them; metric protected_triplet_residual). See the README, \"When LS and the "
+            "rank-ordered SS stop being informative\".")
 
 
 def last_round_table(rows: "pd.DataFrame") -> "pd.DataFrame":
@@ -853,8 +889,15 @@ def last_round_table(rows: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame.from_dict(table, orient="index").rename_axis(f"arm (round {int(last['round'].max())})")
 
 
+def formatted_table(table: "pd.DataFrame") -> "pd.DataFrame":
+    """``last_round_table`` with each number written as its console line writes it (for reading, not for CSV/JSON)."""
+    formats = {label: fmt for label, _, fmt, _ in CONSOLE_FIELDS}
+    return table.apply(lambda column: column.map(lambda value: formats[column.name].format(value)
+                                                 if not is_missing(value) else ""))
+
+
 def _print_round(arm: Arm, round: int, record: RoundRecord) -> None:
     """One console line per round, every number labelled (printed whole, never wrapped)."""
     summary = round_summary(record.rows)
-    parts = [f"{label} {fmt.format(summary[label])}" for label, _, fmt in CONSOLE_FIELDS if label in summary]
+    parts = [f"{label} {fmt.format(summary[label])}" for label, _, fmt, _ in CONSOLE_FIELDS if label in summary]
     print(f"{arm.name:>8} round {round:>3} | " + " | ".join(parts), flush=True)
