@@ -70,6 +70,8 @@ OVERVIEW_PANELS = (
     ("protected_triplet_residual", None, None, "max", "protected-triplet residual (max)", True),
     ("delta_spectral_rel", None, None, "max", "||dW||_2 / sigma_1(W0) (max)", True),
 )
+#: The overview panel that also draws sigma_k / sigma_1, past which LS and the SS diagonal stop reading W0.
+DELTA_PANEL = OVERVIEW_PANELS[-1][4]
 
 #: Energy-spectrum metrics (size of the protected subspace per tau).
 ENERGY_METRICS = ("k_over_rank", "k")
@@ -282,6 +284,11 @@ def drift_overview(rows: pd.DataFrame) -> Figure:
         if title in log_panels:
             # symlog: round 0 is exactly 0 and REVIVE's residual sits at float round-off
             ax.set_yscale("symlog", linthresh=1e-4)
+        if title == DELTA_PANEL and (timed["metric"] == "sigma_k_rel").any():
+            limit = timed.loc[timed["metric"] == "sigma_k_rel", "value"].min()
+            line = ax.axhline(limit, color="0.4", linestyle="--", linewidth=1,
+                              label="min sigma_k/sigma_1: LS, SS informative below")
+            ax.legend(handles=[line], loc="center right", fontsize="small")
     return fig
 
 

@@ -134,6 +134,19 @@ def test_drift_overview_draws_every_panel_and_combines_sites_by_the_worst_one() 
         plots.drift_overview(concentration_rows())
 
 
+def test_drift_overview_marks_where_ls_and_ss_stop_reading_w0() -> None:
+    """With sigma_k_rel recorded, the update panel draws a dashed line at the smallest sigma_k / sigma_1 over sites."""
+    limits = [{"arm": arm, "round": 0, "site": site, "metric": "sigma_k_rel", "value": value}
+              for arm in ARMS for site, value in zip(SITES, (0.7, 0.6))]
+    fig = plots.drift_overview(pd.concat([drift_rows(), _frame(limits)], ignore_index=True))
+    panel = next(ax for ax in _data_axes(fig) if ax.get_title() == plots.DELTA_PANEL)
+    dashed = [line for line in panel.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and set(dashed[0].get_ydata()) == {0.6}
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == [dashed[0].get_label()]
+    without = plots.drift_overview(drift_rows())
+    assert not any(line.get_linestyle() == "--" for ax in _data_axes(without) for line in ax.get_lines())
+
+
 def test_sensitivity_labels_groups() -> None:
     """Energy groups are labelled by their energy range."""
     ax = plots.sensitivity_by_group(sensitivity_rows()).axes[0]
