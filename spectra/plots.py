@@ -71,7 +71,7 @@ OVERVIEW_PANELS = (
     ("delta_spectral_rel", None, None, "max", "||dW||_2 / sigma_1(W0) (max)", True),
 )
 #: The overview panel that also draws sigma_k / sigma_1, past which LS and the SS diagonal stop reading W0.
-DELTA_PANEL = OVERVIEW_PANELS[-1][4]
+DELTA_PANEL = next(panel[4] for panel in OVERVIEW_PANELS if panel[0] == "delta_spectral_rel")
 
 #: Energy-spectrum metrics (size of the protected subspace per tau).
 ENERGY_METRICS = ("k_over_rank", "k")

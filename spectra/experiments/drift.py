@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -833,7 +834,7 @@ CONSOLE_FIELDS = (
     ("protected resid max", "protected_triplet_residual", "{:.1e}", "max"),
     ("|dW|2/s1 max", "delta_spectral_rel", "{:.3f}", "max"), ("edit s", "seconds_edit", "{:.1f}", "mean"),
 )
-REDUCTIONS: dict[str, Callable[[list[float]], float]] = {"mean": lambda v: sum(v) / len(v), "max": max}
+REDUCTIONS: dict[str, Callable[[list[float]], float]] = {"mean": statistics.fmean, "max": max}
 
 
 def is_missing(value: object) -> bool:
@@ -843,12 +844,10 @@ def is_missing(value: object) -> bool:
 
 def round_summary(rows: Sequence[dict]) -> dict[str, float]:
     """The console line's numbers for one round's rows: each CONSOLE_FIELDS metric reduced over sites."""
-    def given(value: object) -> object:
-        return None if is_missing(value) else value
-
     values: dict[str, list[float]] = {}
     for row in rows:
-        if given(row.get("task")) in (None, "mean", "heldout_text") and given(row.get("side")) in (None, "right"):
+        task, side = row.get("task"), row.get("side")
+        if (is_missing(task) or task in ("mean", "heldout_text")) and (is_missing(side) or side == "right"):
             values.setdefault(row["metric"], []).append(row["value"])
     return {label: REDUCTIONS[reduce](values[metric]) for label, metric, _, reduce in CONSOLE_FIELDS
             if values.get(metric)}
